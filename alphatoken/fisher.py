@@ -1,0 +1,560 @@
+"""Monte-Carlo diagonal Fisher of the scored weights at the reference model (paper Sec. 3.3).
+
+For every scored weight W (the `nn.Linear` weights of the last K decoder blocks, see
+`alphatoken.blocks.scored_linears`):
+
+    F_W = (1/N) sum_n ( grad_W log p_ref(y~_n | x_n) )^2          (elementwise square)
+
+with `x_n` the N Fisher hold-out prompts, `y~_n ~ p_ref(. | x_n)` a response sampled from the reference
+model itself (`labels="sampled"`, the Monte-Carlo Fisher) or the dataset response (`labels="empirical"`,
+the empirical Fisher, for comparison), and `log p` summed over the response tokens. One squared
+*per-sample* gradient per prompt: squaring the gradient of a whole batch would add the cross terms
+`2 g_n g_m`, which do not vanish and make the result depend on the batch size.
+
+Naive equivalent (what the tests compare against, one prompt at a time):
+
+    for n, (x, y) in enumerate(zip(prompts, responses)):
+        logp = log_softmax(model(x + y).logits)[positions of y, tokens of y].sum()
+        grads = torch.autograd.grad(logp, [lin.weight for lin in scored_linears(model, K).values()])
+        F += [g ** 2 for g in grads]
+    F /= N
+
+Fast path: several prompts per forward/backward. A scored linear computes `z_t = W x_t (+ b)`, so the
+gradient of sample n's log-likelihood is `sum_t e_{n,t} (x) x_{n,t}` with `e_{n,t} = d log p_n / d z_{n,t}`.
+Forward hooks capture `x` and `z` of every scored linear, one backward of `sum_n log p_n` gives all `e`
+(samples do not interact), and `einsum('bto,bti->boi', e, x)` rebuilds the per-sample gradients, which
+are squared and accumulated. The backward starts at the input of the first scored block, so the
+earlier blocks are never differentiated.
+
+Sampling uses `model.generate` (left padding, KV cache, stops at eos) with a logits processor that
+draws `argmax(log q + Gumbel noise)` from a private `torch.Generator` per prompt, seeded from
+`(seed, prompt index)`; `q` is the temperature / top-p sampling distribution of the reference model.
+The Gumbel-max draw is an exact sample of `q`, and the sample of prompt n never depends on the batch
+size or on the other prompts of its batch (up to float rounding differences of padded batches, which
+only matter at exact ties).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor
+
+from alphatoken import __version__
+from alphatoken.blocks import scored_blocks, scored_linears
+from alphatoken.models import weights_fingerprint
+
+log = logging.getLogger(__name__)
+
+LABEL_MODES = ("sampled", "empirical")
+FORMAT = "alphatoken.fisher/1"  # metadata tag of a Fisher file; bump when its layout changes
+# Config fields that change the Fisher values, checked by `load_fisher` (batch_size does not).
+RESULT_FIELDS = ("last_k", "labels", "temperature", "top_p", "max_new_tokens", "seed")
+
+
+class FisherMismatchError(ValueError):
+    """A cached Fisher does not belong to the given model or configuration."""
+
+
+@dataclass(frozen=True)
+class FisherConfig:
+    """How the Monte-Carlo Fisher is computed."""
+
+    last_k: int = 3  # scored weights: every nn.Linear in the last K decoder blocks (paper K=3)
+    labels: str = "sampled"  # "sampled": y~ ~ p_ref (Monte-Carlo Fisher); "empirical": dataset responses
+    temperature: float = 1.0  # sampling temperature (1.0 = the reference model's own distribution)
+    top_p: float = 1.0  # nucleus sampling mass (1.0 = no truncation, the exact Fisher)
+    max_new_tokens: int = 64  # longest sampled response; sampling also stops at eos
+    seed: int = 0  # base seed; prompt n samples from a generator seeded by (seed, n)
+    batch_size: int = 4  # prompts per generate call and per backward; does not change the result
+
+    def __post_init__(self):
+        def fail(field: str, value, expected: str):
+            raise ValueError(f"FisherConfig.{field}: expected {expected}, got {value!r}")
+
+        for name in ("last_k", "max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(name, value, "an integer >= 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            fail("seed", self.seed, "an integer >= 0")
+        if self.labels not in LABEL_MODES:
+            fail("labels", self.labels, f"one of {LABEL_MODES}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not math.isfinite(self.temperature) or self.temperature <= 0:
+            fail("temperature", self.temperature, "a finite number > 0")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            fail("top_p", self.top_p, "a number in (0, 1]")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The seed of prompt `index`'s private generator: 63 bits of SHA-256("alphatoken.fisher:seed:index").
+    Depends only on the base seed and the prompt's position in the Fisher prompt list."""
+    digest = hashlib.sha256(f"alphatoken.fisher:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def sampling_log_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """log q: the distribution sampled from, `softmax(logits / temperature)` restricted to the nucleus
+    (the most probable tokens whose mass reaches `top_p`; a token is dropped when the tokens at most as
+    probable as it, itself included, hold mass <= 1 - top_p, as in Hugging Face's top-p), renormalised.
+    Dropped tokens get -inf. logits: (B, V) -> (B, V) float32."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_logp, order = torch.sort(logp, dim=-1, descending=False)  # (B, V) ascending
+        tail_mass = sorted_logp.exp().cumsum(dim=-1)  # (B, V) mass of this token and all less probable
+        drop_sorted = tail_mass <= 1 - top_p
+        drop_sorted[:, -1] = False  # always keep the most probable token
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # (B, V) back to vocabulary order
+        logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
+    return logp
+
+
+def gumbel_noise(vocab_size: int, generator: torch.Generator, device) -> torch.Tensor:
+    """One step of standard Gumbel noise `-log(-log U)`, U ~ Uniform[0, 1) from `generator`: (V,) float32.
+    `argmax(log q + noise)` is an exact sample from q (Gumbel-max)."""
+    u = torch.rand(vocab_size, generator=generator, device=device, dtype=torch.float32)  # (V,)
+    return -torch.log(-torch.log(u))
+
+
+class _NonFiniteLogits(FloatingPointError):
+    """NaN (or no finite) logits in some rows of a generate step; `rows` are batch rows."""
+
+    def __init__(self, rows: list[int]):
+        super().__init__(f"non-finite logits in batch rows {rows}")
+        self.rows = rows
+
+
+class _SeededSampler(LogitsProcessor):
+    """Replaces the scores of a greedy `generate` by `log q + Gumbel noise`, the noise of row b drawn
+    from row b's own generator; greedy decoding then takes an exact sample of q per row."""
+
+    def __init__(self, generators: list[torch.Generator], temperature: float, top_p: float):
+        self.generators = generators
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        bad = ~torch.isfinite(scores).any(dim=-1) | torch.isnan(scores).any(dim=-1)  # (B,)
+        if bad.any():
+            raise _NonFiniteLogits(bad.nonzero().flatten().tolist())
+        logq = sampling_log_probs(scores, self.temperature, self.top_p)  # (B, V)
+        noise = torch.stack([gumbel_noise(scores.shape[-1], g, scores.device) for g in self.generators])  # (B, V)
+        return logq + noise
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Tokens that end a sampled response: the tokenizer's eos and the model's generation-config eos
+    (chat models often list several, e.g. end-of-turn and end-of-text)."""
+    ids = []
+    candidates = [getattr(tokenizer, "eos_token_id", None)]
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        eos = generation_config.eos_token_id
+        candidates += list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    for token in candidates:
+        if token is not None and int(token) not in ids:
+            ids.append(int(token))
+    return ids
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _sample_batch(model, prompts: list[list[int]], indices: list[int], cfg: FisherConfig,
+                  stop_ids: list[int], pad_id: int) -> list[list[int]]:
+    """Sample one response per prompt with `model.generate` (left padding). Each response ends with its
+    first stop token, or has `max_new_tokens` tokens.
+
+    Some attention kernels turn the fully masked rows of left padding into NaN that then leaks into the
+    real tokens (eager attention of a float64 model: its float32 softmax sees the float64 mask minimum
+    as -inf). A batch hit by that is sampled again one prompt at a time, without padding; the samples
+    are the same, since each prompt has its own generator. NaN without padding is an error."""
+    try:
+        return _generate(model, prompts, indices, cfg, stop_ids, pad_id)
+    except _NonFiniteLogits as error:
+        if len({len(p) for p in prompts}) == 1:
+            raise FloatingPointError(
+                f"NaN/non-finite logits while sampling Fisher prompts {[indices[r] for r in error.rows]} "
+                "(no padding involved): the model itself produces them"
+            ) from None
+        log.warning("non-finite logits with left padding (attention kernel %s, dtype %s): sampling prompts "
+                    "%d..%d one at a time", getattr(model.config, "_attn_implementation", "?"),
+                    model.get_input_embeddings().weight.dtype, indices[0], indices[-1])
+    responses = []
+    for prompt, index in zip(prompts, indices):
+        try:
+            responses += _generate(model, [prompt], [index], cfg, stop_ids, pad_id)
+        except _NonFiniteLogits:
+            raise FloatingPointError(f"NaN/non-finite logits while sampling Fisher prompt {index}: "
+                                     "the model itself produces them") from None
+    return responses
+
+
+def _generate(model, prompts: list[list[int]], indices: list[int], cfg: FisherConfig,
+              stop_ids: list[int], pad_id: int) -> list[list[int]]:
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    device = _device_of(model)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, P) left padded
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, P)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt):] = 1
+    generators = []
+    for index in indices:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(prompt_seed(cfg.seed, index))
+        generators.append(generator)
+    # Greedy decoding over `log q + noise` with nothing else in the processor chain: a fresh
+    # GenerationConfig, and the model's own one swapped out for the call so that none of its settings
+    # (repetition penalty, suppressed tokens, minimum length, ...) fill in and bias the samples.
+    generation_config = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=cfg.max_new_tokens,
+        eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True,
+    )
+    own_config = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        sequences = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=generation_config,
+            logits_processor=LogitsProcessorList([_SeededSampler(generators, cfg.temperature, cfg.top_p)]),
+        )  # (B, P + S)
+    finally:
+        model.generation_config = own_config
+    responses = []
+    for row in sequences[:, width:].tolist():  # new tokens, pad after a row's stop token
+        cut = next((i + 1 for i, token in enumerate(row) if token in stop_ids), len(row))
+        responses.append(row[:cut])
+    return responses
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-sample squared gradients
+
+
+class _LinearCapture:
+    """Forward hooks keeping the input `x` and output `z` of each scored linear, and a pre-hook making
+    the input of the first scored block a fresh leaf so the backward stops there. They act only while
+    `active` (not while sampling). `remove()` undoes all."""
+
+    def __init__(self, first_block: nn.Module, linears: dict[str, nn.Linear]):
+        self.records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in linears}
+        self.active = False
+        self.handles = [first_block.register_forward_pre_hook(self._cut, with_kwargs=True)]
+        for name, linear in linears.items():
+            self.handles.append(linear.register_forward_hook(self._keeper(name)))
+
+    def _cut(self, module, args, kwargs):
+        if not self.active:
+            return None
+        # The errors e at the scored linears depend only on what comes after them, so differentiating
+        # from a detached copy of the block input gives the same e without touching earlier blocks.
+        if args:
+            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
+
+    def _keeper(self, name: str):
+        def hook(module, args, output):
+            if self.active:
+                self.records[name].append((args[0].detach(), output))  # x (B, T, in), z (B, T, out)
+        return hook
+
+    def clear(self):
+        for calls in self.records.values():
+            calls.clear()
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def _right_padded(sequences: list[list[int]], response_lengths: list[int], pad_id: int, device):
+    """input_ids, attention_mask and response-token mask of `prompt + response` rows, right padded:
+    real tokens keep positions 0..L-1 and never see the padding (causal attention). All (B, T)."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (B, T)
+    response_mask = torch.zeros((len(sequences), width), dtype=torch.bool)  # (B, T) True on y~ tokens
+    for row, (sequence, n_response) in enumerate(zip(sequences, response_lengths)):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, : len(sequence)] = 1
+        response_mask[row, len(sequence) - n_response: len(sequence)] = True
+    return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
+
+
+def _accumulate_batch(model, capture: _LinearCapture, prompts, responses, pad_id: int,
+                      fisher: dict[str, torch.Tensor]) -> None:
+    """Add `sum_n (grad_W log p(y_n | x_n))^2` of one batch to `fisher` (in place)."""
+    device = _device_of(model)
+    sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    input_ids, attention_mask, response_mask = _right_padded(sequences, [len(r) for r in responses], pad_id, device)
+    acc_dtype = next(iter(fisher.values())).dtype
+    capture.clear()
+    capture.active = True
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
+            # position p predicts token p+1; only response tokens count
+            logp = torch.log_softmax(logits[:, :-1].to(acc_dtype), dim=-1)  # (B, T-1, V)
+            token_logp = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+            objective = (token_logp * response_mask[:, 1:]).sum()  # sum_n log p(y_n | x_n)
+            names = [name for name, calls in capture.records.items() for _ in calls]
+            outputs = [z for calls in capture.records.values() for _, z in calls]
+            errors = torch.autograd.grad(objective, outputs, allow_unused=True)  # each (B, T, out)
+        per_sample = {}
+        keep = attention_mask[:, :, None].to(acc_dtype)  # (B, T, 1) padding never contributes
+        inputs = [x for calls in capture.records.values() for x, _ in calls]
+        for name, x, e in zip(names, inputs, errors):
+            if e is None:  # this linear does not influence the response tokens
+                continue
+            g = torch.einsum("bto,bti->boi", e.to(acc_dtype), x.to(acc_dtype) * keep)  # (B, out, in)
+            per_sample[name] = per_sample[name] + g if name in per_sample else g  # a linear called twice
+        for name, g in per_sample.items():
+            fisher[name] += g.square().sum(dim=0).to(fisher[name].device)  # (out, in)
+    finally:
+        capture.active = False
+        capture.clear()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API
+
+
+def _check_token_lists(kind: str, lists, vocab_size: int, count: int | None = None) -> list[list[int]]:
+    if not isinstance(lists, (list, tuple)):
+        raise ValueError(f"{kind}: expected a list of token-id lists, got {type(lists).__name__}")
+    if count is not None and len(lists) != count:
+        raise ValueError(f"{kind}: expected {count} entries (one per prompt), got {len(lists)}")
+    checked = []
+    for i, ids in enumerate(lists):
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if not isinstance(ids, (list, tuple)) or len(ids) == 0:
+            raise ValueError(f"{kind}[{i}]: expected a non-empty list of token ids, got {ids!r:.80}")
+        for j, token in enumerate(ids):
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+                raise ValueError(f"{kind}[{i}][{j}]: token id {token!r} is not an integer in [0, {vocab_size})")
+        checked.append(list(ids))
+    return checked
+
+
+def _pad_token_id(tokenizer, stop_ids: list[int]) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is not None:
+        return int(pad)
+    if stop_ids:
+        return stop_ids[0]
+    return 0
+
+
+def sample_responses(model: nn.Module, tokenizer, prompts: list[list[int]], cfg: FisherConfig,
+                     progress: bool = False) -> list[list[int]]:
+    """The responses `compute_fisher` samples for `prompts` (labels="sampled"): response n is drawn
+    from `q(. | x_n)` with the generator of `prompt_seed(cfg.seed, n)`, ends with its first stop token
+    or after `cfg.max_new_tokens` tokens. Leaves the model as found."""
+    vocab_size = model.get_input_embeddings().num_embeddings
+    prompts = _check_token_lists("prompts", prompts, vocab_size)
+    stop_ids = stop_token_ids(model, tokenizer)
+    pad_id = _pad_token_id(tokenizer, stop_ids)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    responses = []
+    try:
+        for start in tqdm(range(0, len(prompts), cfg.batch_size), desc="fisher samples", disable=not progress):
+            indices = list(range(start, min(start + cfg.batch_size, len(prompts))))
+            responses += _sample_batch(model, [prompts[i] for i in indices], indices, cfg, stop_ids, pad_id)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return responses
+
+
+def compute_fisher(model: nn.Module, tokenizer, prompts: list[list[int]], cfg: FisherConfig,
+                   responses: list[list[int]] | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Diagonal Monte-Carlo Fisher `F_W = mean_n (grad_W log p(y~_n | x_n))^2` of every scored weight.
+
+    prompts: token ids of chat prompts already rendered with the generation prompt.
+    responses: the dataset responses (token ids), required with `cfg.labels == "empirical"` and refused
+        otherwise (the sampled labels come from the model, see `sample_responses`).
+    Returns {parameter name: tensor shaped like the weight} on CPU, float64 for a float64 model and
+    float32 otherwise. The model is left as found: hooks removed, train/eval modes restored, `.grad`
+    and `requires_grad` untouched, the global RNG not consumed.
+    """
+    if not isinstance(cfg, FisherConfig):
+        raise TypeError(f"cfg: expected a FisherConfig, got {type(cfg).__name__}")
+    vocab_size = model.get_input_embeddings().num_embeddings
+    prompts = _check_token_lists("prompts", prompts, vocab_size)
+    if not prompts:
+        raise ValueError("prompts: need at least one Fisher prompt, got an empty list")
+    if cfg.labels == "empirical":
+        if responses is None:
+            raise ValueError("responses: required when FisherConfig.labels == 'empirical'")
+        responses = _check_token_lists("responses", responses, vocab_size, count=len(prompts))
+    elif responses is not None:
+        raise ValueError("responses: only used when FisherConfig.labels == 'empirical' "
+                         f"(labels={cfg.labels!r} samples them from the model)")
+    linears = scored_linears(model, cfg.last_k)
+    first_block = scored_blocks(model, cfg.last_k)[0][1]
+    stop_ids = stop_token_ids(model, tokenizer)
+    pad_id = _pad_token_id(tokenizer, stop_ids)
+    if cfg.labels == "sampled" and not stop_ids:
+        log.warning("no eos token known: every sampled response runs to max_new_tokens=%d", cfg.max_new_tokens)
+
+    acc_dtype = torch.float64 if all(l.weight.dtype == torch.float64 for l in linears.values()) else torch.float32
+    fisher = {name: torch.zeros(l.weight.shape, dtype=acc_dtype, device=l.weight.device) for name, l in linears.items()}
+    modes = {module: module.training for module in model.modules()}
+    model.eval()  # the reference model's distribution: no dropout
+    capture = _LinearCapture(first_block, linears)
+    n_tokens, n_stopped = 0, 0
+    try:
+        with tqdm(total=len(prompts), desc="fisher", unit="prompt", disable=not progress) as bar:
+            for start in range(0, len(prompts), cfg.batch_size):
+                indices = list(range(start, min(start + cfg.batch_size, len(prompts))))
+                batch_prompts = [prompts[i] for i in indices]
+                if cfg.labels == "sampled":  # the capture hooks are inactive while generating
+                    batch_responses = _sample_batch(model, batch_prompts, indices, cfg, stop_ids, pad_id)
+                else:
+                    batch_responses = [responses[i] for i in indices]
+                _accumulate_batch(model, capture, batch_prompts, batch_responses, pad_id, fisher)
+                n_tokens += sum(len(r) for r in batch_responses)
+                n_stopped += sum(1 for r in batch_responses if r[-1] in stop_ids)
+                bar.update(len(indices))
+    finally:
+        capture.remove()
+        for module, training in modes.items():
+            module.training = training
+    log.info("Fisher over %d prompts (%s labels): %d response tokens, %d responses end with eos, "
+             "%d stop at max_new_tokens", len(prompts), cfg.labels, n_tokens, n_stopped, len(prompts) - n_stopped)
+    return {name: (f / len(prompts)).cpu() for name, f in fisher.items()}
+
+
+def _metadata(model: nn.Module, names: list[str], cfg: FisherConfig, num_prompts: int, dtype) -> dict[str, str]:
+    config = getattr(model, "config", None)
+    return {
+        "format": FORMAT,
+        "library_version": __version__,
+        "model_name_or_path": str(getattr(config, "_name_or_path", "") or ""),
+        "model_type": str(getattr(config, "model_type", "") or ""),
+        "weights_fingerprint": weights_fingerprint(model),
+        "param_names": json.dumps(names),
+        "num_params": str(len(names)),
+        "num_prompts": str(num_prompts),
+        "dtype": str(dtype).removeprefix("torch."),
+        **{field.name: json.dumps(getattr(cfg, field.name)) for field in fields(cfg)},
+    }
+
+
+def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], model: nn.Module, cfg: FisherConfig,
+                num_prompts: int) -> Path:
+    """Write `fisher` as safetensors with string metadata: format, library version, model identity
+    (`_name_or_path`, `model_type`, weights fingerprint), parameter names and count, number of prompts,
+    dtype and every FisherConfig field. `model` must be the reference model it was computed on.
+    Written to a temporary file and renamed, so a crash never leaves a half-written cache."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    expected = scored_linears(model, cfg.last_k)
+    problems = [f"missing parameter {name}" for name in expected if name not in fisher]
+    problems += [f"unexpected parameter {name}" for name in fisher if name not in expected]
+    problems += [f"{name}: shape {tuple(fisher[name].shape)} != weight shape {tuple(l.weight.shape)}"
+                 for name, l in expected.items() if name in fisher and fisher[name].shape != l.weight.shape]
+    if problems:
+        raise ValueError(f"save_fisher({path}): the Fisher does not match the scored weights of the model "
+                         f"(last_k={cfg.last_k}): " + "; ".join(problems))
+    if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
+        raise ValueError(f"save_fisher({path}): num_prompts must be an integer >= 1, got {num_prompts!r}")
+    dtypes = {t.dtype for t in fisher.values()}
+    if len(dtypes) != 1:
+        raise ValueError(f"save_fisher({path}): mixed dtypes {sorted(map(str, dtypes))}")
+    names = list(expected)
+    tensors = {name: fisher[name].detach().to("cpu").contiguous() for name in names}
+    metadata = _metadata(model, names, cfg, num_prompts, dtypes.pop())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    os.replace(partial, path)
+    return path
+
+
+def read_fisher_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a Fisher file (strings, see `save_fisher`)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: Fisher file not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as error:  # not a safetensors file at all
+        raise FisherMismatchError(f"{path}: not a readable safetensors file ({error})") from error
+    if metadata.get("format") != FORMAT:
+        raise FisherMismatchError(f"{path}: field 'format': expected {FORMAT!r}, found {metadata.get('format')!r} "
+                                  "(not a Fisher written by alphatoken.fisher.save_fisher)")
+    return metadata
+
+
+def load_fisher(path: str | Path, model: nn.Module, cfg: FisherConfig | None = None) -> dict[str, torch.Tensor]:
+    """Load a Fisher written by `save_fisher` after checking it belongs to `model` (same weights
+    fingerprint, exactly the scored parameter names for the stored `last_k`, same shapes) and, when
+    `cfg` is given, to `cfg` (same last_k, labels, temperature, top_p, max_new_tokens, seed;
+    batch_size may differ). Raises FisherMismatchError naming the file and every field that differs,
+    with the expected and the found value. Returns {name: tensor} on CPU."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    metadata = read_fisher_metadata(path)
+    problems = []
+
+    def differs(field: str, expected, found):
+        problems.append(f"field {field!r}: expected {expected!r}, found {found!r}")
+
+    stored = {}
+    for field in fields(FisherConfig):
+        if field.name not in metadata:
+            differs(field.name, "a value", None)
+            continue
+        stored[field.name] = json.loads(metadata[field.name])
+        if cfg is not None and field.name in RESULT_FIELDS and getattr(cfg, field.name) != stored[field.name]:
+            differs(field.name, getattr(cfg, field.name), stored[field.name])
+    fingerprint = weights_fingerprint(model)
+    if metadata.get("weights_fingerprint") != fingerprint:
+        differs("weights_fingerprint", fingerprint, metadata.get("weights_fingerprint"))
+        problems[-1] += " (the Fisher was computed for other weights)"
+    tensors = load_file(str(path))
+    if "last_k" in stored:
+        expected = scored_linears(model, int(stored["last_k"]))
+        missing = [name for name in expected if name not in tensors]
+        extra = [name for name in tensors if name not in expected]
+        if missing:
+            differs("param_names", f"all {len(expected)} scored weights", f"missing {missing}")
+        if extra:
+            differs("param_names", f"only the {len(expected)} scored weights", f"extra {extra}")
+        for name, linear in expected.items():
+            if name in tensors and tensors[name].shape != linear.weight.shape:
+                differs(f"shape of {name}", tuple(linear.weight.shape), tuple(tensors[name].shape))
+    listed = json.loads(metadata.get("param_names", "[]"))
+    if sorted(listed) != sorted(tensors):
+        differs("param_names", f"the {len(tensors)} stored tensors", f"{len(listed)} listed names")
+    if problems:
+        raise FisherMismatchError(f"{path}: Fisher does not match: " + "; ".join(problems))
+    return tensors

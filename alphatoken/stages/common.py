@@ -1,0 +1,209 @@
+"""What every stage shares: its command line, reading one parameter section with the file and line
+of every value (so a bad value is reported as `params.yaml:42: fisher.temperature: ...`), turning
+that section into a frozen config dataclass, and logging where it runs (device, SLURM GPU binding).
+
+Parameter files are layered like Snakemake's `configfile:` + `--configfile`: later files override
+earlier ones key by key (nested mappings are merged, everything else is replaced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Environment variables that show which accelerators a scheduler bound to the job.
+DEVICE_ENV_VARS = (
+    "CUDA_VISIBLE_DEVICES",
+    "SLURM_JOB_ID",
+    "SLURM_JOB_GPUS",
+    "SLURM_GPUS",
+    "SLURM_GPUS_ON_NODE",
+    "SLURM_STEP_GPUS",
+    "SLURM_CPUS_PER_TASK",
+)
+
+
+class ParamsError(ValueError):
+    """A parameter value that cannot be used; the message names file, line and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """One section of the layered parameter files."""
+
+    name: str  # the section key, e.g. "fisher"
+    values: dict  # the merged values of the section
+    where: dict  # dotted field path ("tiny.arch") -> "file:line" of the value that won
+
+    def locate(self, field: str) -> str:
+        """`file:line: section.field` for messages (the section's own line when the field is absent)."""
+        loc = self.where.get(field) or self.where.get("", "?")
+        return f"{loc}: {self.name}.{field}" if field else f"{loc}: {self.name}"
+
+
+def _node_lines(node: yaml.Node, path: str, filename: str, out: dict) -> None:
+    """Record `file:line` of every mapping key below `node`, by dotted path."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = f"{path}.{key_node.value}" if path else str(key_node.value)
+            out[child] = f"{filename}:{key_node.start_mark.line + 1}"
+            _node_lines(value_node, child, filename, out)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Snakemake's config layering: nested mappings merge, other values are replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_section(files: list[str | Path], name: str) -> Section:
+    """Merge the parameter `files` in order and return section `name` with the origin of each value."""
+    values: dict = {}
+    where: dict = {}
+    for file in files:
+        text = Path(file).read_text()
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ParamsError(f"{file}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ParamsError(f"{file}:1: expected a mapping of sections, got {type(data).__name__}")
+        lines: dict = {}
+        if node is not None:
+            _node_lines(node, "", str(file), lines)
+        values = _merge(values, data)
+        where.update(lines)
+    if name not in values:
+        raise ParamsError(f"{', '.join(map(str, files))}: no section {name!r} (sections: {sorted(values)})")
+    section = values[name]
+    if not isinstance(section, dict):
+        raise ParamsError(f"{where.get(name, files[-1])}: {name}: expected a mapping, got {section!r}")
+    prefix = name + "."
+    local = {key[len(prefix):]: loc for key, loc in where.items() if key.startswith(prefix)}
+    local[""] = where.get(name, str(files[-1]))
+    return Section(name=name, values=section, where=local)
+
+
+def _check_type(section: Section, field: str, value: Any, default: Any) -> None:
+    """A value must have the type of the field's default (ints are accepted where floats are)."""
+    if default is None or value is None:
+        return
+    expected = type(default)
+    ok = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise ParamsError(
+            f"{section.locate(field)}: expected {expected.__name__} (like the default {default!r}), "
+            f"got {type(value).__name__} {value!r}"
+        )
+
+
+def to_config(section: Section, cls: type, **overrides: Any):
+    """Build the frozen dataclass `cls` from a section: unknown keys, missing required fields and
+    values of the wrong type are errors naming file, line and field. `overrides` (paths decided by
+    the pipeline rather than the parameters) win over section values."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(section.values) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"{section.locate(unknown[0])}: unknown field(s) {unknown} for {cls.__name__}; "
+            f"expected some of {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in overrides:
+            kwargs[name] = overrides[name]
+            continue
+        if name not in section.values:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ParamsError(f"{section.locate('')}: missing required field {section.name}.{name}")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        )
+        _check_type(section, name, section.values[name], default)
+        kwargs[name] = section.values[name]
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:  # the dataclass's own __post_init__ validation
+        raise ParamsError(f"{section.locate('')}: invalid {cls.__name__}: {err}") from err
+
+
+def to_kwargs(section: Section, fn, exclude: tuple = ()) -> dict:
+    """Keyword arguments of `fn` from a section, checked like `to_config` against the defaults of
+    its signature; parameters in `exclude` are decided by the stage (paths), not by the section."""
+    params = {n: p for n, p in inspect.signature(fn).parameters.items()
+              if n not in exclude and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(section.values) - set(params))
+    if unknown:
+        raise ParamsError(f"{section.locate(unknown[0])}: unknown field(s) {unknown} for {fn.__name__}(); "
+                          f"expected some of {sorted(params)}")
+    missing = [n for n, p in params.items() if p.default is p.empty and n not in section.values]
+    if missing:
+        raise ParamsError(f"{section.locate('')}: missing required field(s) {missing} of {section.name}")
+    for name, value in section.values.items():
+        _check_type(section, name, value, params[name].default if params[name].default is not params[name].empty else None)
+    return dict(section.values)
+
+
+def split_section(section: Section, keys: tuple) -> tuple[dict, Section]:
+    """Take the stage's own `keys` (e.g. a dtype) out of a section; the rest configures the library."""
+    own = {k: section.values[k] for k in keys if k in section.values}
+    rest = {k: v for k, v in section.values.items() if k not in keys}
+    return own, dataclasses.replace(section, values=rest)
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every stage takes: the parameter files and its section."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", nargs="+", default=["params.yaml"],
+                        help="parameter files, later ones override earlier ones (default: params.yaml)")
+    parser.add_argument("--section", required=True, help="the section of the parameter files this stage reads")
+    return parser
+
+
+def pick_device() -> str:
+    """`cuda` when a usable GPU is visible, else `cpu` (the same code runs on both)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def log_run_environment(stage: str, device: str) -> dict:
+    """Print (to the stage log) where the stage runs: host, device, and the scheduler's GPU binding."""
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")  # library progress notes
+    env = {name: os.environ.get(name, "") for name in DEVICE_ENV_VARS}
+    info = {"stage": stage, "host": platform.node(), "python": sys.executable, "device": device, **env}
+    for key, value in info.items():
+        print(f"[run] {key}={value}", file=sys.stderr, flush=True)
+    return info
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    """Write a small JSON artifact (sorted keys, trailing newline) creating parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def fail(message: str) -> None:
+    """Exit with a one-line error a person can act on (Snakemake then names the rule and its log)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)

@@ -1,0 +1,69 @@
+"""Stage fisher: the Monte-Carlo diagonal Fisher of the scored weights at the reference model,
+over the Fisher hold-out prompts; cached as safetensors with its provenance in the metadata.
+
+    python -m alphatoken.stages.fisher --params params.yaml --section fisher --model results/model \
+        --prompts results/data/fisher.jsonl --out results/fisher.safetensors --summary results/fisher.json
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import torch
+
+from alphatoken.data import IGNORE_INDEX, DataError, ExampleDropped, encode_chat, read_split
+from alphatoken.fisher import FisherConfig, compute_fisher, save_fisher
+from alphatoken.models import ModelSpec, load_model
+from alphatoken.stages.common import (
+    ParamsError, fail, log_run_environment, pick_device, read_section, split_section, stage_parser, to_config,
+    write_json,
+)
+
+OWN_KEYS = ("dtype", "attn_implementation", "max_length")  # how the stage loads and encodes; the rest is FisherConfig
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    for flag, what in (("--model", "reference checkpoint directory"), ("--prompts", "Fisher hold-out (JSONL)"),
+                       ("--out", "Fisher safetensors to write"), ("--summary", "JSON summary to write")):
+        parser.add_argument(flag, required=True, help=what)
+    args = parser.parse_args(argv)
+    try:
+        own, rest = split_section(read_section(args.params, args.section), OWN_KEYS)
+        cfg = to_config(rest, FisherConfig)
+    except ParamsError as err:
+        fail(str(err))
+    device = pick_device()
+    log_run_environment("fisher", device)
+    model, tokenizer = load_model(ModelSpec(source="hub", name_or_path=args.model, dtype=own.get("dtype", "float32"),
+                                            attn_implementation=own.get("attn_implementation", "sdpa")), device)
+    try:
+        examples = read_split(args.prompts)
+    except (DataError, FileNotFoundError) as err:
+        fail(f"{err} (rerun prepare_data)")
+    prompts, responses, skipped = [], [], Counter()
+    for example in examples:
+        try:
+            encoded = encode_chat(example, tokenizer, own.get("max_length", 1024), overlong="truncate")
+        except ExampleDropped as err:
+            skipped[err.reason] += 1
+            continue
+        start = next(t for t, y in enumerate(encoded["labels"]) if y != IGNORE_INDEX)  # first response token
+        prompts.append(encoded["input_ids"][:start])
+        responses.append([y for y in encoded["labels"][start:] if y != IGNORE_INDEX])
+    if not prompts:
+        fail(f"no usable Fisher prompt in {args.prompts} (skipped: {dict(skipped)}); raise {args.section}.max_length")
+    began = time.perf_counter()
+    fisher = compute_fisher(model, tokenizer, prompts, cfg, responses=responses if cfg.labels == "empirical" else None)
+    save_fisher(args.out, fisher, model, cfg, len(prompts))
+    write_json(args.summary, {
+        "num_prompts": len(prompts), "skipped": dict(skipped), "device": device, "seconds": time.perf_counter() - began,
+        "config": vars(cfg), "total": float(sum(f.sum().item() for f in fisher.values())),
+        "torch": torch.__version__,
+    })
+    print(f"[fisher] {len(prompts)} prompts ({sum(skipped.values())} skipped: {dict(skipped)}) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Stage prepare_data: draw the target-validation and Fisher hold-outs (disjoint by prompt) and the
+training pool from a chat corpus, before any training.
+
+    python -m alphatoken.stages.prepare_data --params params.yaml --section data \
+        --corpus results/corpus/sft.jsonl --out results/data
+"""
+
+from __future__ import annotations
+
+from alphatoken.data import DataError, DataLimits, load_jsonl, make_splits, write_splits
+from alphatoken.stages.common import (
+    ParamsError, fail, log_run_environment, read_section, split_section, stage_parser, to_config,
+)
+
+OWN_KEYS = ("n_val", "n_fisher", "seed")  # make_splits arguments; the rest are DataLimits fields
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--corpus", required=True, help="chat examples (JSONL) to split")
+    parser.add_argument("--out", required=True, help="directory for train/val/fisher.jsonl and manifest.json")
+    args = parser.parse_args(argv)
+    try:
+        section = read_section(args.params, args.section)
+        own, rest = split_section(section, OWN_KEYS)
+        missing = [k for k in OWN_KEYS if not isinstance(own.get(k), int) or isinstance(own.get(k), bool)]
+        if missing:
+            raise ParamsError(f"{section.locate(missing[0])}: expected an integer (fields {list(OWN_KEYS)} are required)")
+        limits = to_config(rest, DataLimits)
+    except ParamsError as err:
+        fail(str(err))
+    log_run_environment("prepare_data", "cpu")
+    try:
+        loaded = load_jsonl(args.corpus, kind="chat", limits=limits)
+        splits = make_splits(loaded.examples, own["n_val"], own["n_fisher"], own["seed"])
+    except (DataError, ValueError, FileNotFoundError) as err:
+        fail(f"{err} (check {args.corpus} or {args.section}.n_val / n_fisher)")
+    dropped = loaded.dropped.to_dict()
+    write_splits(splits, args.out, {"source": loaded.source, "rows_read": loaded.rows_read, "dropped": dropped})
+    print(f"[prepare_data] {splits.stats}; dropped while loading: {dict(loaded.dropped.counts) or 'none'} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The training configuration: one frozen dataclass, a comment per field, validated on creation."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from alphatoken.policies import PolicyConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser, schedule, batching, token policy and bookkeeping of one SFT or DPO run.
+
+    Global batch per optimizer step = micro_batch_size * grad_accum_steps * world_size examples
+    (preference pairs for DPO)."""
+
+    output_dir: str = "results/train"  # checkpoints, dvclive metrics, final HF model under `final/`
+    lr: float = 2e-5  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    adam_eps: float = 1e-8  # AdamW epsilon
+    warmup_ratio: float = 0.03  # linear warm-up as a fraction of the total optimizer steps
+    warmup_steps: int | None = None  # explicit warm-up steps; overrides warmup_ratio when set
+    lr_schedule: str = "cosine"  # "cosine" (to 0 after warm-up) or "constant" (after warm-up)
+    micro_batch_size: int = 1  # examples per forward/backward on one process
+    grad_accum_steps: int = 1  # micro-batches accumulated per optimizer step on one process
+    max_steps: int | None = None  # optimizer steps; None: `epochs` full passes over the data
+    epochs: int = 1  # passes over the training data when max_steps is None
+    max_grad_norm: float | None = 1.0  # global gradient-norm clipping; None disables
+    seed: int = 0  # seeds python/numpy/torch, the data order and the random policy
+    bf16: bool = True  # bf16 autocast on CUDA; ignored on CPU (fp32/fp64 as the model is)
+    gradient_checkpointing: bool = False  # recompute activations in backward (HF gradient checkpointing)
+    checkpoint_every: int = 0  # optimizer steps between resumable checkpoints; 0: only on preemption
+    policy: PolicyConfig = field(default_factory=PolicyConfig)  # token policy, rho and its schedule
+    valuation: object = None  # alphatoken.valuation.ValuationConfig; None: its paper defaults
+    dpo_beta: float = 0.1  # DPO temperature beta (paper: 0.1)
+    val_refresh_every: int = 1  # recompute the validation gradient every r optimizer steps (paper: 1)
+    max_length: int = 1024  # maximum tokens per sequence (prompt + response)
+    max_nonfinite_steps: int = 10  # consecutive non-finite-loss steps tolerated before stopping (with a checkpoint)
+    log_every: int = 1  # optimizer steps between dvclive metric rows
+    progress: bool = True  # show a tqdm progress bar on rank 0
+
+    def __post_init__(self):
+        def require(ok: bool, message: str):
+            if not ok:
+                raise ValueError(f"TrainConfig.{message}")
+
+        require(self.lr > 0, f"lr={self.lr} must be > 0")
+        require(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+        require(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        require(self.warmup_steps is None or self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
+        require(self.lr_schedule in ("cosine", "constant"), f"lr_schedule={self.lr_schedule!r} must be 'cosine' or 'constant'")
+        require(self.micro_batch_size >= 1, f"micro_batch_size={self.micro_batch_size} must be >= 1")
+        require(self.grad_accum_steps >= 1, f"grad_accum_steps={self.grad_accum_steps} must be >= 1")
+        require(self.max_steps is None or self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1")
+        require(self.epochs >= 1, f"epochs={self.epochs} must be >= 1")
+        require(self.max_grad_norm is None or self.max_grad_norm > 0, f"max_grad_norm={self.max_grad_norm} must be > 0")
+        require(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0")
+        require(isinstance(self.policy, PolicyConfig), f"policy must be a PolicyConfig, got {type(self.policy).__name__}")
+        require(self.dpo_beta > 0, f"dpo_beta={self.dpo_beta} must be > 0")
+        require(self.val_refresh_every >= 1, f"val_refresh_every={self.val_refresh_every} must be >= 1")
+        require(self.max_length >= 2, f"max_length={self.max_length} must be >= 2")
+        require(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 1")
+        require(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+
+    def to_dict(self) -> dict:
+        """JSON-ready view (the valuation config as its own field dict)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["policy"] = dataclasses.asdict(self.policy)
+        if dataclasses.is_dataclass(self.valuation):
+            data["valuation"] = dataclasses.asdict(self.valuation)
+        return data

@@ -1,0 +1,100 @@
+"""Eager attention that keeps its probabilities, used only while the valuation re-runs the scored
+blocks. Registered once in transformers' `AttentionInterface` under `ATTENTION_NAME`; the model's
+config points at it only for the duration of a re-run (see `signals.rerun_scored_blocks`), so the
+ordinary forward keeps the model's own (e.g. sdpa) attention.
+
+With `stop_cross_position_grad` the forward values are unchanged but the gradient that the output
+at query position p sends into keys and values flows only into position p itself (the other
+positions' keys and values are detached); the query keeps its gradient. One backward of
+sum_p l_p then yields every e_p = d l_p / d z_p (METHOD.md, `self` signal)."""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+
+import torch
+
+ATTENTION_NAME = "alphatoken_valuation"
+
+
+@dataclass
+class AttentionRecord:
+    stop_cross_position_grad: bool  # forward-identical attention with gradient kept on the own position only
+    probs: dict = field(default_factory=dict)  # id(attention module) -> (B, H, T, T) probabilities, detached
+
+
+_ACTIVE: contextvars.ContextVar[AttentionRecord | None] = contextvars.ContextVar("alphatoken_attention", default=None)
+
+
+def additive_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, dtype, device) -> torch.Tensor:
+    """The mask that transformers built for the original implementation, as an additive float mask
+    (0 = attend, finfo.min = masked), like `masking_utils.eager_mask`. `None` (sdpa's "plain causal")
+    becomes the causal lower triangle."""
+    if attention_mask is None:
+        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)  # (Tq, Tk)
+        attention_mask = allowed[None, None]  # (1, 1, Tq, Tk)
+    attention_mask = attention_mask[:, :, :, :kv_len]
+    if attention_mask.dtype == torch.bool:
+        zero = torch.tensor(0.0, dtype=dtype, device=device)
+        return torch.where(attention_mask, zero, torch.finfo(dtype).min)
+    return attention_mask.to(dtype)
+
+
+def capturing_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """Same signature and result as transformers' `eager_attention_forward`:
+    softmax(q k^T * scaling (softcapped) + mask) v, with grouped-query heads; dropout is not applied
+    (valuation is deterministic). query (B, H, Tq, hd), key/value (B, Hkv, Tk, hd)."""
+    record = _ACTIVE.get()
+    if record is None:
+        raise RuntimeError(f"attention implementation {ATTENTION_NAME!r} is only usable inside a valuation re-run")
+    n_rep = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(n_rep, dim=1)  # (B, H, Tk, hd), kv head g serves heads g*n_rep .. g*n_rep+n_rep-1
+    value = value.repeat_interleave(n_rep, dim=1)  # (B, H, Tk, hd)
+    if scaling is None:
+        scaling = module.head_dim**-0.5
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if record.stop_cross_position_grad:
+        if q_len != kv_len:
+            raise ValueError("the self-signal attention needs the full sequence (no KV cache)")
+        key_d, value_d = key.detach(), value.detach()
+        own = (query * (key - key_d)).sum(-1)  # (B, H, T) exactly zero, carries the own-key gradient
+        scores = query @ key_d.transpose(2, 3) + torch.diag_embed(own)  # (B, H, T, T)
+    else:
+        scores = query @ key.transpose(2, 3)  # (B, H, Tq, Tk)
+    scores = scores * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + additive_mask(attention_mask, q_len, kv_len, scores.dtype, scores.device)
+    # float32 softmax as in transformers' eager attention; float64 stays float64 (an all-masked padding
+    # row then stays finite instead of turning into NaN through a float32 -inf)
+    softmax_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(query.dtype)  # (B, H, Tq, Tk)
+    if record.stop_cross_position_grad:
+        own_prob = probs.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # (B, H, T, 1)
+        out = probs @ value_d + own_prob * (value - value_d)  # (B, H, T, hd), value-identical to probs @ value
+    else:
+        out = probs @ value  # (B, H, Tq, hd)
+    record.probs.setdefault(id(module), probs.detach())
+    return out.transpose(1, 2).contiguous(), probs
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, capturing_attention)
+
+
+class active_record:
+    """Context manager making `record` the destination of `capturing_attention`."""
+
+    def __init__(self, record: AttentionRecord):
+        self.record = record
+
+    def __enter__(self):
+        self.token = _ACTIVE.set(self.record)
+        return self.record
+
+    def __exit__(self, *exc):
+        _ACTIVE.reset(self.token)
+        return False

@@ -1,0 +1,189 @@
+"""Activations and errors of the scored weights, from a re-run of the scored blocks only.
+
+The ordinary forward is observed by `BlockCapture` (hooks on the scored blocks): the detached hidden
+state entering the first scored block, every scored block's call arguments (masks, position
+embeddings) and the output of the last block. The valuation then re-runs just those blocks from the
+detached hidden state with `capturing_attention` and back-propagates a given cotangent of the last
+block's output: for the `total` signal g = dL/dh (ordinary attention), which yields e_p = dL/dz_p;
+for the `self` signal the per-position g_p = d l_p / d h_p (the LM head is position-wise, so dL/dh
+already is that) through the gradient-stopping attention, which yields e_p = d l_p / d z_p.
+Backward of the training graph itself is never needed beyond the head, and `.grad` is never touched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from alphatoken.valuation.attention import ATTENTION_NAME, AttentionRecord, active_record
+
+
+@dataclass
+class ForwardRecord:
+    """What one forward call of the model passed through the scored blocks."""
+
+    first_input: torch.Tensor | None = None  # (B, T, d) hidden state entering the first scored block, detached
+    block_calls: dict = field(default_factory=dict)  # block index -> (extra positional args, kwargs)
+    last_output: torch.Tensor | None = None  # (B, T, d) output of the last decoder block (in the forward graph)
+
+
+@dataclass
+class Signals:
+    """Per-position quantities of the scored weights for one batch (compute dtype, detached)."""
+
+    x: dict  # weight name -> (B, T, d_in) input of the linear
+    e: dict  # weight name -> (B, T, d_out) error d(objective)/dz of the linear's output
+    attn: dict  # block index -> (B, H, T, T) attention probabilities A_h[k, p] (query k, key p)
+    ctx_err: dict  # block index -> (B, T, H, hd) error of the attention output (o_proj input), per head
+
+
+def _hidden_of(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class BlockCapture:
+    """Hooks on the scored blocks that record each forward call; `cut_last=True` replaces the last
+    block's output by a fresh leaf so that d(objective)/dh costs only the LM head (for forwards the
+    valuation runs itself). Hooks fire once per module call; recomputation under gradient
+    checkpointing calls `forward` directly and records nothing."""
+
+    def __init__(self, blocks: list[tuple[int, nn.Module]], cut_last: bool):
+        self.blocks = blocks
+        self.cut_last = cut_last
+        self.records: list[ForwardRecord] = []
+        self.handles = []
+
+    def __enter__(self):
+        first_idx, last_idx = self.blocks[0][0], self.blocks[-1][0]
+        for idx, block in self.blocks:
+            self.handles.append(block.register_forward_pre_hook(self._pre_hook(idx, idx == first_idx), with_kwargs=True))
+        self.handles.append(self.blocks[-1][1].register_forward_hook(self._last_hook))
+        self.last_idx = last_idx
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        return False
+
+    def _pre_hook(self, idx: int, is_first: bool):
+        def hook(module, args, kwargs):
+            if is_first:
+                self.records.append(ForwardRecord())
+            if not self.records:
+                return None
+            record = self.records[-1]
+            if idx in record.block_calls:  # a repeated call inside one forward: keep the first
+                return None
+            kwargs = dict(kwargs)
+            if args:
+                hidden, rest = args[0], tuple(args[1:])
+            else:
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            if is_first:
+                record.first_input = hidden.detach()
+            record.block_calls[idx] = (rest, kwargs)
+            return None
+
+        return hook
+
+    def _last_hook(self, module, args, output):
+        if not self.records or self.records[-1].last_output is not None:
+            return None
+        hidden = _hidden_of(output)
+        if self.cut_last:
+            leaf = hidden.detach().requires_grad_(True)
+            self.records[-1].last_output = leaf
+            if isinstance(output, (tuple, list)):
+                return type(output)((leaf, *output[1:]))
+            return leaf
+        self.records[-1].last_output = hidden
+        return None
+
+
+def attention_module(block: nn.Module) -> nn.Module:
+    """The self-attention module of a decoder block: the submodule owning `v_proj` and `o_proj`."""
+    for module in block.modules():
+        if isinstance(getattr(module, "v_proj", None), nn.Linear) and isinstance(getattr(module, "o_proj", None), nn.Linear):
+            return module
+    raise ValueError(f"{type(block).__name__} has no attention module with `v_proj` and `o_proj` linears")
+
+
+def rerun_scored_blocks(
+    blocks: list[tuple[int, nn.Module]],
+    linears: dict[str, nn.Linear],
+    record: ForwardRecord,
+    cotangent: torch.Tensor,
+    stop_cross_position_grad: bool,
+    compute_dtype: torch.dtype,
+) -> Signals:
+    """Re-run the scored blocks from `record.first_input` with the same call arguments and return
+    x, e for every scored linear and A, c for every scored block, where e = d<cotangent, h_out>/dz.
+    The model is restored afterwards (attention setting, checkpointing flags, hooks)."""
+    if record.first_input is None or len(record.block_calls) != len(blocks):
+        raise RuntimeError("the forward did not pass through every scored block; nothing to value")
+    param = next(iter(linears.values())).weight
+    inputs, outputs, handles = {}, {}, []
+
+    def linear_hook(name):
+        def hook(module, args, output):
+            if name not in outputs:  # first call only
+                inputs[name] = args[0].detach()
+                outputs[name] = output
+
+        return hook
+
+    attn_modules = {idx: attention_module(block) for idx, block in blocks}
+    configs = {id(m.config): m.config for m in attn_modules.values()}
+    saved_impl = {key: cfg.__dict__.get("_attn_implementation_internal") for key, cfg in configs.items()}
+    saved_ckpt = {idx: block.__dict__.get("gradient_checkpointing", None) for idx, block in blocks}
+    attn_record = AttentionRecord(stop_cross_position_grad=stop_cross_position_grad)
+    device_type = param.device.type
+    try:
+        for name, linear in linears.items():
+            handles.append(linear.register_forward_hook(linear_hook(name)))
+        for cfg in configs.values():
+            cfg._attn_implementation_internal = ATTENTION_NAME
+        for idx, block in blocks:
+            if hasattr(block, "gradient_checkpointing"):
+                block.gradient_checkpointing = False  # the re-run is K blocks only; hooks must fire once
+        with torch.enable_grad(), torch.autocast(device_type=device_type, enabled=False), active_record(attn_record):
+            hidden = record.first_input.to(param.dtype).requires_grad_(True)  # (B, T, d) leaf
+            for idx, block in blocks:
+                rest, kwargs = record.block_calls[idx]
+                kwargs = {**kwargs, "past_key_values": None, "use_cache": False}
+                hidden = _hidden_of(block(hidden, *rest, **kwargs))  # (B, T, d)
+            names = list(outputs)
+            grads = torch.autograd.grad(hidden, [outputs[n] for n in names], grad_outputs=cotangent.to(hidden.dtype), allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for key, cfg in configs.items():
+            cfg._attn_implementation_internal = saved_impl[key]
+        for idx, block in blocks:
+            if saved_ckpt[idx] is None:
+                block.__dict__.pop("gradient_checkpointing", None)
+            else:
+                block.gradient_checkpointing = saved_ckpt[idx]
+    x = {n: inputs[n].to(compute_dtype) for n in linears}
+    e = {}
+    for n, g in zip(names, grads):
+        e[n] = (torch.zeros_like(outputs[n]) if g is None else g).detach().to(compute_dtype)  # (B, T, d_out)
+    attn, ctx_err = {}, {}
+    for idx, module in attn_modules.items():
+        probs = attn_record.probs[id(module)].to(compute_dtype)  # (B, H, T, T)
+        o_name = _name_of(linears, module.o_proj)
+        heads = probs.shape[1]
+        c = e[o_name] @ module.o_proj.weight.detach().to(compute_dtype)  # (B, T, H*hd): error of the o_proj input
+        attn[idx] = probs
+        ctx_err[idx] = c.view(*c.shape[:2], heads, -1)  # (B, T, H, hd)
+    return Signals(x=x, e=e, attn=attn, ctx_err=ctx_err)
+
+
+def _name_of(linears: dict[str, nn.Linear], module: nn.Linear) -> str:
+    for name, linear in linears.items():
+        if linear is module:
+            return name
+    raise KeyError("linear is not among the scored linears")

@@ -1,0 +1,266 @@
+"""`TokenValuer`: per-token values of a training batch against a validation target and a retention
+proxy (METHOD.md). Usage::
+
+    valuer = TokenValuer(model, ValuationConfig(), fisher=fisher, reference=reference)
+    valuer.set_validation(val_batch)       # G on the current weights, P = F * (W - W_ref)
+    scores = valuer.score(batch)           # TokenScores, each (B, T), aligned with labels
+
+    with valuer.capture():                 # inside a training step: observe the ordinary forward
+        out = model(input_ids=..., attention_mask=...)
+    token_loss = ...                       # (B, T-1) per-position NLL from out.logits
+    scores = valuer.score_captured(batch, token_loss)   # then backward the masked loss as usual
+
+The naive equivalent of `score` (tests/bruteforce.py) materialises, for every position p, the
+per-position weight gradient e_p (x) x_p of every scored weight and Frobenius-dots it with G and P;
+here only activations, errors and attention probabilities of the last K blocks are used."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from alphatoken.blocks import scored_blocks, scored_linears
+from alphatoken.valuation.attention import register_attention
+from alphatoken.valuation.config import TokenScores, ValuationConfig
+from alphatoken.valuation.scores import (
+    align_with_labels,
+    causal_band_score,
+    contract_direction,
+    direct_score,
+    ghost_direct,
+    ghost_direction,
+    token_nll,
+)
+from alphatoken.valuation.signals import BlockCapture, ForwardRecord, Signals, attention_module, rerun_scored_blocks
+
+
+@dataclass(frozen=True)
+class TargetDirection:
+    """G of one scored weight, in the form chosen for it."""
+
+    form: str  # "contract" (explicit G) or "ghost" (validation activations and errors)
+    matrix: torch.Tensor | None  # (d_out, d_in) G = sum_v e_v (x) x_v, for "contract"
+    val_x: torch.Tensor | None  # (N, d_in) validation inputs of the linear, for "ghost"
+    val_e: torch.Tensor | None  # (N, d_out) validation errors dJ/dz_v, for "ghost"
+
+
+def _batch_field(batch: dict, key: str) -> torch.Tensor:
+    if not isinstance(batch, dict) or key not in batch:
+        raise KeyError(f"batch is missing the field {key!r} (needs input_ids, attention_mask, labels)")
+    return batch[key]
+
+
+class TokenValuer:
+    """Scores the tokens of training batches for `model` (see the module docstring).
+
+    fisher, reference: dicts `parameter name -> tensor` (names of `model.named_parameters()`),
+    needed for every scored weight; either `None` makes the proxy zero."""
+
+    def __init__(self, model: nn.Module, config: ValuationConfig, fisher: dict | None = None, reference: dict | None = None):
+        self.model = model
+        self.config = config
+        self.blocks = scored_blocks(model, config.last_k)
+        self.linears = scored_linears(model, config.last_k)
+        weight = next(iter(self.linears.values())).weight
+        self.compute_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.value_weight = {}  # v_proj weight name -> scored block index
+        for idx, block in self.blocks:
+            attn = attention_module(block)
+            for name, linear in self.linears.items():
+                if linear is attn.v_proj:
+                    self.value_weight[name] = idx
+        self.fisher = self._check_param_dict(fisher, "fisher")
+        self.reference = self._check_param_dict(reference, "reference")
+        self._target: dict[str, TargetDirection] | None = None
+        self._proxy: dict[str, torch.Tensor] | None = None
+        self._captured: list[ForwardRecord] | None = None
+        register_attention()
+        self.refresh_proxy()
+
+    def _check_param_dict(self, tensors: dict | None, what: str) -> dict | None:
+        if tensors is None:
+            return None
+        checked = {}
+        for name, linear in self.linears.items():
+            if name not in tensors:
+                raise KeyError(f"{what} has no entry for the scored weight {name!r}")
+            if tuple(tensors[name].shape) != tuple(linear.weight.shape):
+                raise ValueError(
+                    f"{what}[{name!r}] has shape {tuple(tensors[name].shape)}, the weight has {tuple(linear.weight.shape)}"
+                )
+            checked[name] = tensors[name].detach()
+        return checked
+
+    # ---------------------------------------------------------------- directions
+    def refresh_proxy(self) -> None:
+        """P_W = F_W * (W - W_ref) for every scored weight, on the current weights (None without fisher/reference)."""
+        if self.fisher is None or self.reference is None:
+            self._proxy = None
+            return
+        cd = self.compute_dtype
+        self._proxy = {}
+        for name, linear in self.linears.items():
+            w = linear.weight.detach().to(cd)
+            self._proxy[name] = self.fisher[name].to(w.device, cd) * (w - self.reference[name].to(w.device, cd))  # (d_out, d_in)
+
+    def set_validation(self, val_batch: dict, objective: Callable | None = None) -> None:
+        """Compute the target direction G = grad_W J_tgt on the current weights and refresh P.
+        Default J_tgt: mean token loss over all validation response tokens; `objective(model, batch)`
+        may return any scalar built from the model's outputs (e.g. the DPO loss of validation pairs)."""
+        labels = _batch_field(val_batch, "labels")
+        with BlockCapture(self.blocks, cut_last=True) as capture, torch.enable_grad():
+            if objective is None:
+                n_tokens = int((labels[:, 1:] != -100).sum())
+                if n_tokens == 0:
+                    raise ValueError("the validation batch has no response tokens (all labels are -100)")
+                out = self.model(
+                    input_ids=_batch_field(val_batch, "input_ids"),
+                    attention_mask=_batch_field(val_batch, "attention_mask"),
+                    use_cache=False,
+                )
+                objective_value = token_nll(out.logits, labels, self.compute_dtype).sum() / n_tokens
+            else:
+                objective_value = objective(self.model, val_batch)
+        records = [r for r in capture.records if r.last_output is not None]
+        if not records:
+            raise RuntimeError("the validation objective did not run the model")
+        cotangents = torch.autograd.grad(objective_value, [r.last_output for r in records], allow_unused=True)
+        xs = {n: [] for n in self.linears}
+        es = {n: [] for n in self.linears}
+        for record, cot in zip(records, cotangents):
+            if cot is None:
+                continue
+            sig = rerun_scored_blocks(self.blocks, self.linears, record, cot, False, self.compute_dtype)
+            for n in self.linears:
+                xs[n].append(sig.x[n].flatten(0, 1))  # (B*T, d_in)
+                es[n].append(sig.e[n].flatten(0, 1))  # (B*T, d_out)
+        if not xs[next(iter(self.linears))]:
+            raise RuntimeError("the validation objective does not depend on the model outputs")
+        target = {}
+        for name, linear in self.linears.items():
+            val_x, val_e = torch.cat(xs[name]), torch.cat(es[name])  # (N, d_in), (N, d_out)
+            keep = val_e.abs().sum(-1) > 0  # rows without error add nothing to G
+            val_x, val_e = val_x[keep], val_e[keep]
+            d_out, d_in = linear.weight.shape
+            form = self.config.target_form
+            if form == "auto":
+                form = "ghost" if val_x.shape[0] * (d_in + d_out) < d_in * d_out else "contract"
+            if form == "contract":
+                target[name] = TargetDirection("contract", val_e.T @ val_x, None, None)  # (d_out, d_in)
+            else:
+                target[name] = TargetDirection("ghost", None, val_x, val_e)
+        self._target = target
+        self.refresh_proxy()
+
+    # ---------------------------------------------------------------- scoring
+    def score(self, batch: dict, example_scale: torch.Tensor | None = None) -> TokenScores:
+        """Values of the label tokens of `batch` (runs its own forward; the model's graph is not kept)."""
+        labels = _batch_field(batch, "labels")
+        with BlockCapture(self.blocks, cut_last=True) as capture, torch.enable_grad():
+            out = self.model(
+                input_ids=_batch_field(batch, "input_ids"),
+                attention_mask=_batch_field(batch, "attention_mask"),
+                use_cache=False,
+            )
+            token_loss = token_nll(out.logits, labels, self.compute_dtype)  # (B, T-1)
+        return self._score_records(capture.records, token_loss, batch, example_scale, retain_graph=False)
+
+    @contextmanager
+    def capture(self):
+        """Observe the ordinary training forward run inside the block (hooks exist only inside)."""
+        self._captured = None
+        capture = BlockCapture(self.blocks, cut_last=False)
+        try:
+            with capture:
+                yield self
+        finally:
+            self._captured = capture.records
+
+    def score_captured(self, batch: dict, token_loss: torch.Tensor, example_scale: torch.Tensor | None = None) -> TokenScores:
+        """Values for the forward observed by the last `capture()`. token_loss (B, T-1): per-position NLL
+        of that forward (graph kept, 0 where ignored). The graph is retained for the caller's backward."""
+        records, self._captured = self._captured, None
+        if records is None:
+            raise RuntimeError("score_captured needs a forward run inside `with valuer.capture():`")
+        return self._score_records(records, token_loss, batch, example_scale, retain_graph=True)
+
+    def _score_records(self, records, token_loss, batch, example_scale, retain_graph: bool) -> TokenScores:
+        if len(records) != 1 or records[0].last_output is None:
+            raise RuntimeError(f"expected exactly one model forward through the scored blocks, saw {len(records)}")
+        record = records[0]
+        if not record.last_output.requires_grad:
+            raise RuntimeError("the captured forward has no graph (run it with gradients enabled)")
+        labels = _batch_field(batch, "labels")
+        B, T = labels.shape
+        if tuple(token_loss.shape) != (B, T - 1):
+            raise ValueError(f"token_loss has shape {tuple(token_loss.shape)}, expected (B, T-1) = {(B, T - 1)}")
+        loss_sum = token_loss.to(torch.float64 if token_loss.dtype == torch.float64 else torch.float32).sum()
+        (cotangent,) = torch.autograd.grad(loss_sum, record.last_output, retain_graph=retain_graph)  # (B, T, d)
+        signals = rerun_scored_blocks(
+            self.blocks, self.linears, record, cotangent, self.config.signal == "self", self.compute_dtype
+        )
+        return self._scores(signals, labels, example_scale)
+
+    def signals(self, batch: dict) -> Signals:
+        """x, e of every scored weight and A, c of every scored block for `batch` under the configured
+        signal (what `score` contracts; exposed for inspection and tests)."""
+        labels = _batch_field(batch, "labels")
+        with BlockCapture(self.blocks, cut_last=True) as capture, torch.enable_grad():
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            token_loss = token_nll(out.logits, labels, self.compute_dtype)
+        (cotangent,) = torch.autograd.grad(token_loss.sum(), capture.records[0].last_output)
+        return rerun_scored_blocks(
+            self.blocks, self.linears, capture.records[0], cotangent, self.config.signal == "self", self.compute_dtype
+        )
+
+    def _scores(self, sig: Signals, labels: torch.Tensor, example_scale: torch.Tensor | None) -> TokenScores:
+        cfg = self.config
+        B, T = labels.shape
+        device = labels.device
+        need_target = cfg.use_tgt_dir or cfg.use_tgt_cau
+        if need_target and self._target is None:
+            raise RuntimeError("call set_validation(val_batch) before scoring (target components are on)")
+        comp = {k: torch.zeros(B, T, dtype=self.compute_dtype, device=device) for k in ("tgt_dir", "tgt_cau", "prx_dir", "prx_cau")}
+        for name in self.linears:
+            x, e = sig.x[name], sig.e[name]  # (B, T, d_in), (B, T, d_out)
+            block_idx = self.value_weight.get(name)
+            if need_target:
+                self._add_target(comp, name, x, e, block_idx, sig)
+            if self._proxy is not None and (cfg.use_prx_dir or (cfg.use_prx_cau and block_idx is not None)):
+                y = contract_direction(x, self._proxy[name])  # (B, T, d_out) = P x_p
+                if cfg.use_prx_dir:
+                    comp["prx_dir"] += direct_score(y, e)
+                if cfg.use_prx_cau and block_idx is not None:
+                    comp["prx_cau"] += self._causal(sig, block_idx, y)
+        if example_scale is not None:
+            scale = torch.as_tensor(example_scale, device=device).to(self.compute_dtype)
+            if tuple(scale.shape) != (B,):
+                raise ValueError(f"example_scale has shape {tuple(scale.shape)}, expected ({B},)")
+            comp = {k: v * scale[:, None] for k, v in comp.items()}
+        comp = {k: align_with_labels(v, labels) for k, v in comp.items()}
+        total = comp["tgt_dir"] + comp["tgt_cau"] + cfg.lam * (comp["prx_dir"] + comp["prx_cau"])
+        return TokenScores(total=total, **comp)
+
+    def _add_target(self, comp, name, x, e, block_idx, sig) -> None:
+        cfg = self.config
+        target = self._target[name]
+        with_causal = cfg.use_tgt_cau and block_idx is not None
+        if target.form == "contract":
+            y = contract_direction(x, target.matrix)  # (B, T, d_out) = G x_p
+        elif block_idx is not None:  # value projection: G x_p is needed by the causal term, reuse it
+            y = ghost_direction(x, target.val_x, target.val_e)  # (B, T, d_out)
+        else:
+            y = None
+        if cfg.use_tgt_dir:
+            comp["tgt_dir"] += direct_score(y, e) if y is not None else ghost_direct(x, e, target.val_x, target.val_e)
+        if with_causal:
+            comp["tgt_cau"] += self._causal(sig, block_idx, y)
+
+    def _causal(self, sig: Signals, block_idx: int, y: torch.Tensor) -> torch.Tensor:
+        ctx_err = sig.ctx_err[block_idx]  # (B, T, H, hd)
+        value_dir = y.view(*y.shape[:2], -1, ctx_err.shape[-1])  # (B, T, Hkv, hd)
+        return causal_band_score(sig.attn[block_idx], ctx_err, value_dir, self.config.window)

@@ -1,0 +1,110 @@
+"""The offline retention suite: deterministic task building from local sources, and an lm-eval run
+on a tiny saved model that never touches a hub, whose multiple-choice accuracy equals a brute-force
+log-likelihood ranking with the same model."""
+
+import json
+
+import pytest
+import torch
+
+from alphatoken.eval.harness import OFFLINE_TASKS, build_offline_tasks, run_retention
+from alphatoken.eval.tasks.arithmetic import word_problems
+from alphatoken.eval.tasks.wordnet import parse_data_file
+from alphatoken.models import build_tiny_model, byte_tokenizer, save_pretrained
+
+N_PER_TASK = 12
+LIMIT = 4
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    return build_offline_tasks(tmp_path_factory.mktemp("tasks"), n_per_task=N_PER_TASK, seed=3)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_offline_tasks_are_deterministic_and_well_formed(task_dir, tmp_path):
+    again = build_offline_tasks(tmp_path / "again", n_per_task=N_PER_TASK, seed=3)
+    for name in ("alphatoken_wordnet", "alphatoken_arithmetic", "alphatoken_pyline"):
+        docs = read_jsonl(task_dir / f"{name}.jsonl")
+        assert docs == read_jsonl(again / f"{name}.jsonl")
+        assert len(docs) == N_PER_TASK
+        assert (task_dir / f"{name}.yaml").is_file()
+    for name in ("alphatoken_wordnet", "alphatoken_pyline"):
+        for doc in read_jsonl(task_dir / f"{name}.jsonl"):
+            assert len(doc["choices"]) == 4 == len(set(doc["choices"]))
+            assert 0 <= doc["label"] < 4
+    train = {d["question"] for d in read_jsonl(task_dir / "alphatoken_arithmetic_train.jsonl")}
+    for doc in read_jsonl(task_dir / "alphatoken_arithmetic.jsonl"):
+        assert doc["question"] not in train
+        assert doc["answer"].endswith(f"#### {doc['value']}")
+        assert eval(doc["answer"].split("=")[-2].split(",")[-1].split("and")[-1]) == doc["value"]
+    manifest = json.loads((task_dir / "manifest.json").read_text())
+    assert manifest["tasks"]["alphatoken_wordnet"]["skipped"]["answer_in_definition"] > 0
+    other_seed = build_offline_tasks(tmp_path / "other", n_per_task=N_PER_TASK, seed=4)
+    assert read_jsonl(other_seed / "alphatoken_wordnet.jsonl") != read_jsonl(task_dir / "alphatoken_wordnet.jsonl")
+
+
+def test_wordnet_parse_error_names_file_line_and_field(tmp_path):
+    bad = tmp_path / "data.noun"
+    bad.write_text("  1 licence header\n00001740 03 n 0z cat 0 000 | a feline\n")
+    with pytest.raises(ValueError, match=r"data.noun:2: field 'w_cnt'"):
+        parse_data_file(bad, "noun")
+    good = tmp_path / "data.adj"
+    good.write_text('00002312 00 a 02 abaxial 0 dorsal(a) 4 000 | facing away from the axis; "an example"  \n')
+    [synset] = parse_data_file(good, "adj")
+    assert synset.lemmas == ("abaxial", "dorsal") and synset.definition == "facing away from the axis"
+
+
+def test_word_problems_are_distinct():
+    docs, _ = word_problems(200, seed=0)
+    assert len({d["question"] for d in docs}) == 200
+
+
+def brute_force_accuracy(model, tokenizer, docs, template, delimiter):
+    """Pick the choice with the highest summed log-probability of its tokens after the context."""
+    correct = 0
+    for doc in docs:
+        context = template(doc)
+        scores = []
+        for choice in doc["choices"]:
+            context_ids = tokenizer(context)["input_ids"]
+            ids = tokenizer(context + delimiter + choice)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+            scores.append(sum(float(logp[p - 1, ids[p]]) for p in range(len(context_ids), len(ids))))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == doc["label"])
+    return 100.0 * correct / len(docs)
+
+
+def test_lm_eval_runs_offline_on_a_tiny_model(task_dir, tmp_path, monkeypatch):
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)  # the suite must set them for its child itself
+    tokenizer = byte_tokenizer()
+    model = build_tiny_model("qwen2", dtype=torch.float64)
+    save_pretrained(model, tokenizer, tmp_path / "model")
+    raw_path = tmp_path / "raw.json"
+    metrics = run_retention(tmp_path / "model", "offline", limit=LIMIT, task_dir=task_dir,
+                            raw_results_path=raw_path)
+    assert set(metrics) == set(OFFLINE_TASKS)
+    assert all(0.0 <= value <= 100.0 for value in metrics.values())
+    raw = json.loads(raw_path.read_text())
+    assert raw["n-shot"] == {"alphatoken_wordnet": 0, "alphatoken_arithmetic": 5, "alphatoken_pyline": 0}
+    assert all(raw["n-samples"][t]["effective"] == LIMIT for t in OFFLINE_TASKS)
+
+    wordnet_docs = read_jsonl(task_dir / "alphatoken_wordnet.jsonl")[:LIMIT]
+    expected = brute_force_accuracy(model, tokenizer, wordnet_docs,
+                                    lambda d: f"Definition: {d['definition']}\nWord:", " ")
+    assert metrics["alphatoken_wordnet"] == pytest.approx(expected)
+    pyline_docs = read_jsonl(task_dir / "alphatoken_pyline.jsonl")[:LIMIT]
+    expected = brute_force_accuracy(model, tokenizer, pyline_docs, lambda d: d["context"], "\n")
+    assert metrics["alphatoken_pyline"] == pytest.approx(expected)
+
+
+def test_unknown_suite_or_task_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown suite"):
+        run_retention(tmp_path, "nope")
+    with pytest.raises(ValueError, match=r"\['gsm8k'\] are not in the offline suite"):
+        run_retention(tmp_path, "offline", tasks=["gsm8k"])
