@@ -288,17 +288,22 @@ class _LinearCapture:
 
 
 def _right_padded(sequences: list[list[int]], response_lengths: list[int], pad_id: int, device):
-    """input_ids, attention_mask and response-token mask of `prompt + response` rows, right padded:
-    real tokens keep positions 0..L-1 and never see the padding (causal attention). All (B, T)."""
+    """input_ids, real-token mask and response-token mask of `prompt + response` rows, right padded.
+    All (B, T).
+
+    Real tokens keep positions 0..L-1 and, attention being causal, never see the padding after them:
+    their logits are those of the unpadded row with no attention mask at all. Passing none also keeps
+    every attention row non-empty (a padding query still sees the tokens before it), where a padding
+    mask can leave rows fully masked, which some kernels turn into NaN that leaks through `0 * NaN`."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (B, T)
+    real_mask = torch.zeros((len(sequences), width), dtype=torch.bool)  # (B, T) True on prompt + response
     response_mask = torch.zeros((len(sequences), width), dtype=torch.bool)  # (B, T) True on y~ tokens
     for row, (sequence, n_response) in enumerate(zip(sequences, response_lengths)):
         input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        attention_mask[row, : len(sequence)] = 1
+        real_mask[row, : len(sequence)] = True
         response_mask[row, len(sequence) - n_response: len(sequence)] = True
-    return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
+    return input_ids.to(device), real_mask.to(device), response_mask.to(device)
 
 
 def _accumulate_batch(model, capture: _LinearCapture, prompts, responses, pad_id: int,
@@ -306,27 +311,28 @@ def _accumulate_batch(model, capture: _LinearCapture, prompts, responses, pad_id
     """Add `sum_n (grad_W log p(y_n | x_n))^2` of one batch to `fisher` (in place)."""
     device = _device_of(model)
     sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    input_ids, attention_mask, response_mask = _right_padded(sequences, [len(r) for r in responses], pad_id, device)
+    input_ids, real_mask, response_mask = _right_padded(sequences, [len(r) for r in responses], pad_id, device)
     acc_dtype = next(iter(fisher.values())).dtype
     capture.clear()
     capture.active = True
     try:
         with torch.enable_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
-            # position p predicts token p+1; only response tokens count
+            logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V) causal mask only
+            # position p predicts token p+1; only response tokens count (where, not *: 0 * NaN = NaN)
             logp = torch.log_softmax(logits[:, :-1].to(acc_dtype), dim=-1)  # (B, T-1, V)
             token_logp = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-            objective = (token_logp * response_mask[:, 1:]).sum()  # sum_n log p(y_n | x_n)
+            objective = torch.where(response_mask[:, 1:], token_logp, 0.0).sum()  # sum_n log p(y_n | x_n)
             names = [name for name, calls in capture.records.items() for _ in calls]
             outputs = [z for calls in capture.records.values() for _, z in calls]
             errors = torch.autograd.grad(objective, outputs, allow_unused=True)  # each (B, T, out)
         per_sample = {}
-        keep = attention_mask[:, :, None].to(acc_dtype)  # (B, T, 1) padding never contributes
+        keep = real_mask[:, :, None]  # (B, T, 1) padding never contributes
         inputs = [x for calls in capture.records.values() for x, _ in calls]
         for name, x, e in zip(names, inputs, errors):
             if e is None:  # this linear does not influence the response tokens
                 continue
-            g = torch.einsum("bto,bti->boi", e.to(acc_dtype), x.to(acc_dtype) * keep)  # (B, out, in)
+            x = torch.where(keep, x.to(acc_dtype), 0.0)  # (B, T, in)
+            g = torch.einsum("bto,bti->boi", e.to(acc_dtype), x)  # (B, out, in)
             per_sample[name] = per_sample[name] + g if name in per_sample else g  # a linear called twice
         for name, g in per_sample.items():
             fisher[name] += g.square().sum(dim=0).to(fisher[name].device)  # (out, in)
@@ -469,8 +475,6 @@ def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], model: nn.Mod
     (`_name_or_path`, `model_type`, weights fingerprint), parameter names and count, number of prompts,
     dtype and every FisherConfig field. `model` must be the reference model it was computed on.
     Written to a temporary file and renamed, so a crash never leaves a half-written cache."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     expected = scored_linears(model, cfg.last_k)
     problems = [f"missing parameter {name}" for name in expected if name not in fisher]
@@ -490,9 +494,24 @@ def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], model: nn.Mod
     metadata = _metadata(model, names, cfg, num_prompts, dtypes.pop())
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata=metadata)
+    partial.write_bytes(_deterministic_safetensors(tensors, metadata))
     os.replace(partial, path)
     return path
+
+
+def _deterministic_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes whose JSON header has sorted keys. safetensors writes its metadata map in
+    hash order, which changes from process to process, so two identical Fisher runs would otherwise
+    give files with different content hashes (and DVC would see a changed output). The header's
+    tensor offsets are relative to the data section, so re-serialising the header keeps them valid."""
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to an 8-byte boundary
+    return len(text).to_bytes(8, "little") + text + blob[8 + n:]
 
 
 def read_fisher_metadata(path: str | Path) -> dict[str, str]:
@@ -557,4 +576,4 @@ def load_fisher(path: str | Path, model: nn.Module, cfg: FisherConfig | None = N
         differs("param_names", f"the {len(tensors)} stored tensors", f"{len(listed)} listed names")
     if problems:
         raise FisherMismatchError(f"{path}: Fisher does not match: " + "; ".join(problems))
-    return tensors
+    return {name: tensors[name] for name in listed}  # model order, as computed

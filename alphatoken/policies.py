@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
@@ -103,10 +104,13 @@ class Policy:
         return weights.detach().to(ctx.token_loss.dtype) * ctx.valid
 
 
-def scores_to_loss_positions(scores) -> object:
-    """A TokenScores-like object (label-aligned `[B, T]` fields) -> a namespace of `[B, T-1]` fields."""
-    fields = ("total", "tgt_dir", "tgt_cau", "prx_dir", "prx_cau")
-    return type("LossPositionScores", (), {f: getattr(scores, f)[:, 1:] for f in fields if getattr(scores, f, None) is not None})()
+SCORE_FIELDS = ("total", "tgt_dir", "tgt_cau", "prx_dir", "prx_cau")
+
+
+def scores_to_loss_positions(scores, rows: slice = slice(None)) -> SimpleNamespace:
+    """A TokenScores-like object (label-aligned `[B, T]` fields) -> a namespace of `[B', T-1]` fields
+    (the value of token t read at loss position p = t-1), optionally for a slice of rows."""
+    return SimpleNamespace(**{f: getattr(scores, f)[rows, 1:] for f in SCORE_FIELDS if getattr(scores, f, None) is not None})
 
 
 def _keep_all(ctx, config):

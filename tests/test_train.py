@@ -140,3 +140,40 @@ def test_final_checkpoint_is_a_standard_hf_model_with_metrics(tmp_path, tokenize
     rows = (tmp_path / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert len(rows) == 4  # header + 3 steps
     assert (tmp_path / "dvclive" / "plots" / "metrics" / "train" / "kept_fraction.tsv").is_file()
+
+
+VALUER = ["alphatoken", "adaptation_only", "stability_only", "direct_only", "causal_only", "no_fisher", "bottom", "soft"]
+
+
+def _valuation_setup(model):
+    from alphatoken.blocks import scored_linears
+    from alphatoken.valuation import ValuationConfig
+
+    g = torch.Generator().manual_seed(0)
+    fisher = {n: torch.rand(l.weight.shape, generator=g, dtype=l.weight.dtype) for n, l in scored_linears(model, 2).items()}
+    val = [{"prompt": "q20: add 20 and 21", "response": "the sum is 41."}, {"prompt": "q30: add 30 and 31", "response": "the sum is 61."}]
+    return fisher, val, ValuationConfig(last_k=2, window=4)
+
+
+@pytest.mark.parametrize("name", VALUER)
+def test_valuer_policies_train(tmp_path, tokenizer, name):
+    model = build_tiny_model("llama")
+    fisher, val, vcfg = _valuation_setup(model)
+    cfg = config(tmp_path, name, lr=1e-2, grad_accum_steps=1, max_steps=2, valuation=vcfg)
+    result = train_sft(model, tokenizer, examples(), val, cfg, fisher=fisher)
+    assert weights_fingerprint(result.model) != weights_fingerprint(build_tiny_model("llama"))
+    assert result.metrics["steps"] == 2
+    if name != "soft":
+        assert (tmp_path / "reference_weights.pt").is_file()
+        assert abs(result.metrics["mean_kept_fraction"] - 0.5) < 0.1
+
+
+def test_scoring_does_not_disturb_the_update(tmp_path, tokenizer):
+    """AlphaToken with rho = 1 keeps every token: same weights as `full`, although the valuer scored
+    every micro-batch on the training graph."""
+    model = build_tiny_model("qwen2")
+    fisher, val, vcfg = _valuation_setup(model)
+    scored = train_sft(model, tokenizer, examples(), val, config(tmp_path / "a", "alphatoken", policy=PolicyConfig(name="alphatoken", rho=1.0), valuation=vcfg), fisher=fisher)
+    plain = train_sft(build_tiny_model("qwen2"), tokenizer, examples(), None, config(tmp_path / "b"))
+    assert scored.metrics["mean_kept_fraction"] == 1.0
+    assert max_param_diff(scored.model, plain.model) == 0.0

@@ -186,11 +186,28 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def log_run_environment(stage: str, device: str) -> dict:
-    """Print (to the stage log) where the stage runs: host, device, and the scheduler's GPU binding."""
+def cpu_threads(files: list[str | Path], rule: str) -> int:
+    """The CPU threads of `rule` (`resources.<rule>.threads` in the parameter files, default 1)."""
+    merged: dict = {}
+    for file in files:
+        merged = _merge(merged, yaml.safe_load(Path(file).read_text()) or {})
+    return int(((merged.get("resources") or {}).get(rule) or {}).get("threads", 1))
+
+
+def log_run_environment(stage: str, device: str, params: list[str | Path] | None = None) -> dict:
+    """Print (to the stage log) where the stage runs: host, device, and the scheduler's GPU binding.
+
+    With the parameter files, also fix torch's CPU thread count to the rule's `threads`: the order
+    of floating-point reductions on CPU depends on it, so Snakemake (which exports the rule's
+    threads) and DVC (which does not) would otherwise write different bytes for the same result."""
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")  # library progress notes
     env = {name: os.environ.get(name, "") for name in DEVICE_ENV_VARS}
     info = {"stage": stage, "host": platform.node(), "python": sys.executable, "device": device, **env}
+    if params is not None:
+        import torch
+
+        info["threads"] = cpu_threads(params, stage)
+        torch.set_num_threads(info["threads"])
     for key, value in info.items():
         print(f"[run] {key}={value}", file=sys.stderr, flush=True)
     return info

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     except ParamsError as err:
         fail(str(err))
     device = pick_device()
-    log_run_environment("fisher", device)
+    log_run_environment("fisher", device, args.params)
     model, tokenizer = load_model(ModelSpec(source="hub", name_or_path=args.model, dtype=own.get("dtype", "float32"),
                                             attn_implementation=own.get("attn_implementation", "sdpa")), device)
     try:
@@ -57,12 +57,15 @@ def main(argv: list[str] | None = None) -> None:
     began = time.perf_counter()
     fisher = compute_fisher(model, tokenizer, prompts, cfg, responses=responses if cfg.labels == "empirical" else None)
     save_fisher(args.out, fisher, model, cfg, len(prompts))
+    seconds = time.perf_counter() - began
+    # the summary is a DVC-tracked output: only deterministic fields (the time goes to the log)
     write_json(args.summary, {
-        "num_prompts": len(prompts), "skipped": dict(skipped), "device": device, "seconds": time.perf_counter() - began,
+        "num_prompts": len(prompts), "skipped": dict(skipped), "device": device,
         "config": vars(cfg), "total": float(sum(f.sum().item() for f in fisher.values())),
         "torch": torch.__version__,
     })
-    print(f"[fisher] {len(prompts)} prompts ({sum(skipped.values())} skipped: {dict(skipped)}) -> {args.out}")
+    print(f"[fisher] {len(prompts)} prompts ({sum(skipped.values())} skipped: {dict(skipped)}) in {seconds:.1f} s "
+          f"-> {args.out}")
 
 
 if __name__ == "__main__":

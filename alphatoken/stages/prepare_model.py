@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
         spec = to_config(read_section(args.params, args.section), ModelSpec)
     except ParamsError as err:
         fail(str(err))
-    log_run_environment("prepare_model", "cpu")  # conversion only: no accelerator needed
+    log_run_environment("prepare_model", "cpu", args.params)  # conversion only: no accelerator needed
     try:
         model, tokenizer = load_model(spec)
     except (FileNotFoundError, OSError, ValueError) as err:

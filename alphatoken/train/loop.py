@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -328,12 +329,10 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                     scores = None
                     if valuer is not None:
                         scale = torch.cat([omega, -omega]).to(token_loss.dtype)  # (2b,) +omega chosen, -omega rejected
-                        scores = scores_to_loss_positions(valuer.score_captured(batch, token_loss, example_scale=scale))
+                        scores = valuer.score_captured(batch, token_loss, example_scale=scale)  # label-aligned (2b, T)
                     weights = []
-                    for branch, rows in enumerate((slice(0, b), slice(b, 2 * b))):
-                        branch_scores = None
-                        if scores is not None:
-                            branch_scores = type("BranchScores", (), {k: v[rows] for k, v in vars(scores).items() if torch.is_tensor(v)})()
+                    for branch, rows in enumerate((slice(0, b), slice(b, 2 * b))):  # separate top-rho per branch
+                        branch_scores = scores_to_loss_positions(scores, rows) if scores is not None else None
                         ctx = TokenContext(valid[rows], token_loss[rows].detach(), rho, branch_scores, ref[rows], _policy_generator(config.seed, step, micro_index, branch))
                         weights.append(policy.weights(ctx, pcfg))
                     if policy.dpo_form == "masked_logit":
@@ -388,7 +387,9 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
                     optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            with warnings.catch_warnings():  # a skipped step advances the schedule without optimizer.step()
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                scheduler.step()
 
             if skipped == "nonfinite":
                 counters["nonfinite_steps"] += 1
@@ -451,8 +452,12 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
         "all_masked_steps": counters["all_masked_steps"],
         "final_loss": next((r["loss"] for r in reversed(history) if not r["skipped"]), float("nan")),
         "mean_kept_fraction": sum(r["kept_fraction"] for r in history) / max(1, len(history)),
+        "final_token_loss": history[-1]["token_loss"] if history else float("nan"),
         "preempted": preempted,
     }
+    if preference and history:
+        summary["final_dpo_loss"] = history[-1]["dpo_loss"]
+        summary["final_reward_accuracy"] = history[-1]["reward_accuracy"]
     if preempted:
         if live is not None:
             live.end()

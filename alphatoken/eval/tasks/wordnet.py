@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 POS_FILES = {"noun": "data.noun", "verb": "data.verb", "adj": "data.adj", "adv": "data.adv"}
@@ -57,7 +58,12 @@ def parse_data_file(path: str | Path, pos: str) -> list[Synset]:
 
 
 def load_synsets(wordnet_dir: str | Path) -> list[Synset]:
-    """All synsets of the four parts of speech, in file order."""
+    """All synsets of the four parts of speech, in file order (parsed once per directory)."""
+    return list(_load_synsets(str(Path(wordnet_dir).resolve())))
+
+
+@lru_cache(maxsize=2)
+def _load_synsets(wordnet_dir: str) -> tuple[Synset, ...]:
     wordnet_dir = Path(wordnet_dir)
     missing = [name for name in POS_FILES.values() if not (wordnet_dir / name).is_file()]
     if missing:
@@ -65,7 +71,7 @@ def load_synsets(wordnet_dir: str | Path) -> list[Synset]:
             f"WordNet data files {missing} not found in {wordnet_dir} "
             "(Debian/Ubuntu: apt-get install -y wordnet-base)"
         )
-    return [s for pos, name in POS_FILES.items() for s in parse_data_file(wordnet_dir / name, pos)]
+    return tuple(s for pos, name in POS_FILES.items() for s in parse_data_file(wordnet_dir / name, pos))
 
 
 def definition_questions(synsets: list[Synset], n: int, seed: int) -> tuple[list[dict], dict]:

@@ -1,0 +1,254 @@
+"""The pipeline's declarations: dvc.yaml agrees with the Snakemake rules, every stage lists the
+library files it really imports (checked against `modulefinder`, an independent import scanner),
+every rule has a log and a benchmark, `snakemake --lint` is clean, and stage parameters are read
+with errors that name file, line and field. Fast: no stage runs a model except one tiny conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import modulefinder
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alphatoken.models import build_tiny_model, load_model, ModelSpec, weights_fingerprint
+from alphatoken.stages import prepare_model
+from alphatoken.stages.common import ParamsError, read_section, to_config
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+sys.path.insert(0, str(REPO / "workflow" / "scripts"))
+import stagedeps  # noqa: E402
+import sync_dvc  # noqa: E402
+
+PIPELINE_FILES = ("Snakefile", "params.yaml", "dvc.yaml", "workflow", "configs", "alphatoken")
+
+
+def copy_pipeline(dest: Path) -> Path:
+    """The files a pipeline run needs, copied into `dest` (a scratch checkout)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PIPELINE_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dest / name)
+    (dest / "slurm").symlink_to("workflow/profiles/slurm")
+    return dest
+
+
+def snakemake(cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def dvc_stages() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+# ---------------------------------------------------------------------------------------------
+# One declaration, two front ends
+
+
+def test_dvc_yaml_agrees_with_the_rules():
+    result = subprocess.run([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--check"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sync_check_fails_on_a_stale_dvc_yaml(tmp_path):
+    """The check is not vacuous: dvc.yaml missing one library dependency is reported, with a diff."""
+    repo = copy_pipeline(tmp_path / "repo")
+    text = (repo / "dvc.yaml").read_text()
+    stale = text.replace("    - alphatoken/models.py\n", "", 1)
+    assert stale != text
+    (repo / "dvc.yaml").write_text(stale)
+    result = subprocess.run([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--check", "--root", str(repo)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "+    - alphatoken/models.py" in result.stdout
+    assert "stale" in result.stderr
+
+
+def test_stage_entry_points_match_dvc_stages(dvc_stages):
+    """Every DVC stage runs its own entry point, reads exactly its params sections, and every stage
+    entry point in alphatoken/stages/ has a rule (nothing written and forgotten)."""
+    entry_points = {p.stem for p in (REPO / "alphatoken/stages").glob("*.py")} - {"__init__", "common"}
+    run = {}
+    for name, stage in dvc_stages.items():
+        module = re.match(r"python -m alphatoken\.stages\.(\w+) ", stage["cmd"]).group(1)
+        section = re.search(r"--section (\w+)", stage["cmd"]).group(1)
+        assert stage["params"] == [section], name
+        assert "--params params.yaml " in stage["cmd"], name
+        run[module] = name
+    assert set(run) == entry_points
+
+
+class _RepoModuleFinder(modulefinder.ModuleFinder):
+    """modulefinder limited to the repo's `alphatoken` package (other imports are not followed)."""
+
+    def import_hook(self, name, caller=None, fromlist=None, level=-1):
+        if level <= 0 and name.split(".")[0] != "alphatoken":
+            return None
+        return super().import_hook(name, caller, fromlist, level)
+
+
+def modulefinder_sources(module: str) -> set[str]:
+    finder = _RepoModuleFinder(path=[str(REPO)])
+    finder.import_hook(module)
+    files = {Path(m.__file__) for m in finder.modules.values() if m.__file__}
+    return {str(f.relative_to(REPO)) for f in files if f.is_relative_to(REPO / "alphatoken")}
+
+
+def test_stage_deps_are_the_import_closure(dvc_stages):
+    """deps list every alphatoken file the stage imports (directly or not, also inside functions),
+    as found by modulefinder; not only the stage script."""
+    for name, stage in dvc_stages.items():
+        module = re.match(r"python -m (\S+) ", stage["cmd"]).group(1)
+        expected = modulefinder_sources(module)
+        listed = {d for d in stage["deps"] if d.startswith("alphatoken/")}
+        assert listed == expected, f"{name}: missing {expected - listed}, extra {listed - expected}"
+        assert len(expected) > 3  # stage script, its package, common.py and at least one library module
+
+
+def test_import_closure_follows_function_level_and_relative_imports(tmp_path):
+    pkg = tmp_path / "alphatoken"
+    (pkg / "stages").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "stages" / "__init__.py").write_text("")
+    (pkg / "stages" / "demo.py").write_text("def main():\n    from ..lib import thing\n")
+    (pkg / "lib.py").write_text("import os\nfrom alphatoken import helper\n")
+    (pkg / "helper.py").write_text("")
+    (pkg / "unused.py").write_text("")
+    assert stagedeps.stage_sources("demo", tmp_path) == [
+        "alphatoken/__init__.py", "alphatoken/helper.py", "alphatoken/lib.py",
+        "alphatoken/stages/__init__.py", "alphatoken/stages/demo.py",
+    ]
+
+
+def test_fisher_reruns_on_model_prompts_and_its_own_section(dvc_stages):
+    fisher = dvc_stages["fisher"]
+    assert {"results/model", "results/model.json", "results/data/fisher.jsonl", "alphatoken/fisher.py"} <= set(fisher["deps"])
+    assert fisher["params"] == ["fisher"]
+    assert "results/data/fisher.jsonl" not in dvc_stages["prepare_model"]["deps"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules: log, benchmark, lint, parameters, GPU requests
+
+
+def test_every_rule_has_log_benchmark_and_only_its_sections(tmp_path):
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ResourceSettings
+
+    with SnakemakeApi() as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(), snakefile=REPO / "Snakefile",
+                                workdir=REPO)._workflow
+        rules = {r.name: r for r in workflow.rules}
+        for name, rule in rules.items():
+            if rule.norun:
+                continue  # the target rule `all`
+            assert len(rule.log) == 1 and str(rule.log[0]) == f"logs/{name}.log", name
+            assert rule.benchmark is not None and str(rule.benchmark) == f"benchmarks/{name}.tsv", name
+            assert all(str(o).startswith("results/") for o in rule.output), name
+            assert rule.shellcmd.endswith(" > {log} 2>&1"), name
+    assert {"prepare_model", "build_corpus", "prepare_data", "fisher"} <= set(rules)
+
+
+def test_snakemake_lint_is_clean(tmp_path):
+    result = snakemake(REPO, "--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # and the lint gate can fail: a rule without its log is a finding
+    repo = copy_pipeline(tmp_path / "repo")
+    rules = repo / "workflow/rules/model.smk"
+    rules.write_text(rules.read_text().replace('    log:\n        "logs/prepare_model.log",\n', ""))
+    result = snakemake(repo, "--lint")
+    assert result.returncode == 1 and "No log directive defined" in result.stdout + result.stderr
+
+
+def test_config_overrides_are_refused_with_the_fix():
+    result = snakemake(REPO, "-n", "--config", "fisher={'seed': 1}")
+    assert result.returncode != 0
+    assert "--configfile" in result.stdout + result.stderr
+
+
+def test_gpu_rule_with_tasks_is_refused(tmp_path):
+    """tasks on a GPU rule would become --ntasks-per-gpu: one copy of the stage per GPU."""
+    overlay = tmp_path / "tasks.yaml"
+    overlay.write_text("resources:\n  fisher: {gpu: 4, tasks: 1}\n")
+    result = snakemake(REPO, "-n", "--configfile", str(overlay))
+    assert result.returncode != 0
+    assert "resources.fisher: GPU rules run one process per job" in result.stdout + result.stderr
+
+
+def test_slurm_profile_from_the_repo_root_requests_the_gpu():
+    """`snakemake --profile slurm` resolves from the repo root; GPU rules carry gpu, gpu_model and
+    cpus_per_gpu, CPU rules no GPU; the partition comes from the profile."""
+    result = snakemake(REPO, "--profile", "slurm", "-n", "--forceall", "--configfile", "configs/smoke.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = dict(re.findall(r"rule (\w+):\n(?:.*\n)*?    resources: (.*)", result.stdout))
+    assert "gpu=1" in jobs["fisher"] and "gpu_model=a100" in jobs["fisher"] and "cpus_per_gpu=1" in jobs["fisher"]
+    assert "slurm_partition=gpu" in jobs["fisher"]
+    assert "gpu=" not in jobs["prepare_model"]
+
+
+def test_local_profile_limits_gpu_jobs():
+    profile = yaml.safe_load((REPO / "workflow/profiles/local/config.yaml").read_text())
+    assert profile["resources"] == ["gpu=1"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["resources"]["fisher"]["gpu"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage parameters and the prepare_model stage
+
+
+def test_params_errors_name_file_line_and_field(tmp_path):
+    base = tmp_path / "params.yaml"
+    base.write_text("model:\n  source: tiny\n  dtype: float32\nother: {}\n")
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("# overlay\nmodel:\n  dtype: 3\n")
+    with pytest.raises(ParamsError, match=re.escape(f"{overlay}:3: model.dtype: expected str")):
+        to_config(read_section([base, overlay], "model"), ModelSpec)
+    overlay.write_text("model:\n\n  dtyp: float64\n")
+    with pytest.raises(ParamsError, match=re.escape(f"{overlay}:3: model.dtyp: unknown field(s) ['dtyp']")):
+        to_config(read_section([base, overlay], "model"), ModelSpec)
+    with pytest.raises(ParamsError, match="no section 'fisher'"):
+        read_section([base], "fisher")
+    overlay.write_text("model:\n  dtype: float64\n")
+    spec = to_config(read_section([base, overlay], "model"), ModelSpec)
+    assert (spec.source, spec.dtype) == ("tiny", "float64")  # overlay wins key by key
+
+
+def test_prepare_model_stage_writes_a_checkpoint_of_the_configured_weights(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("model:\n  source: tiny\n  tiny: {arch: qwen2, seed: 3}\n  dtype: float64\n"
+                      "  attn_implementation: eager\n")
+    out, identity = tmp_path / "model", tmp_path / "model.json"
+    prepare_model.main(["--params", str(params), "--section", "model", "--out", str(out), "--identity", str(identity)])
+    # the obviously-correct twin: the same tiny model built directly
+    expected = weights_fingerprint(build_tiny_model("qwen2", seed=3, dtype="float64"))
+    record = json.loads(identity.read_text())
+    assert record["fingerprint"] == expected
+    assert record["architecture"] == "Qwen2ForCausalLM"
+    reloaded, tokenizer = load_model(ModelSpec(source="hub", name_or_path=str(out), dtype="float64",
+                                               attn_implementation="eager"))
+    assert weights_fingerprint(reloaded) == expected
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_stage_error_is_one_actionable_line(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("model:\n  source: tiny\n  dtype: float32\n  attention: eager\n")
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_model.main(["--params", str(params), "--section", "model", "--out", str(tmp_path / "m"),
+                            "--identity", str(tmp_path / "m.json")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {params}:4: model.attention: unknown field(s) ['attention']" in err

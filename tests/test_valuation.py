@@ -1,0 +1,307 @@
+"""Token valuation engine vs the brute-force reference (tests/bruteforce.py) and its invariances.
+Tiny float64 models of three architectures, batches mixing left and right padding with prompts."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from alphatoken.blocks import decoder_blocks, scored_linears
+from alphatoken.models import build_tiny_model
+from alphatoken.valuation import TokenScores, TokenValuer, ValuationConfig
+from bruteforce import bruteforce_scores, proxy_direction, token_losses, validation_gradient
+
+ARCHS = ("llama", "qwen2", "gemma3")
+COMPONENTS = ("tgt_dir", "tgt_cau", "prx_dir", "prx_cau", "total")
+LAST_K, WINDOW, LAM = 2, 3, 1.5
+
+
+def make_batch(generator, batch, length, prompt, left_pad, right_pad):
+    """Random tokens; example i has `left_pad[i]` leading and `right_pad[i]` trailing pads and a prompt
+    of `prompt` real tokens (labels -100 on prompt and padding)."""
+    ids = torch.randint(3, 259, (batch, length), generator=generator)  # (B, T)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    for i in range(batch):
+        mask[i, : left_pad[i]] = 0
+        if right_pad[i]:
+            mask[i, length - right_pad[i]:] = 0
+        labels[i, : left_pad[i] + prompt] = -100
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = labels.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+class Setup:
+    """A tiny model, a training batch (left-padded, right-padded and full rows), a validation batch,
+    and a Fisher/reference with the weights perturbed away from the reference."""
+
+    def __init__(self, arch):
+        self.arch = arch
+        self.model = build_tiny_model(arch, dtype=torch.float64, attn_implementation="sdpa")
+        g = torch.Generator().manual_seed(1)
+        self.batch = make_batch(g, 3, 14, prompt=5, left_pad=[3, 0, 0], right_pad=[0, 2, 0])
+        self.val_batch = make_batch(g, 2, 12, prompt=4, left_pad=[0, 2], right_pad=[1, 0])
+        linears = scored_linears(self.model, LAST_K)
+        self.reference = {
+            n: lin.weight.detach() - 0.05 * torch.randn(lin.weight.shape, generator=g, dtype=torch.float64)
+            for n, lin in linears.items()
+        }
+        self.fisher = {n: torch.rand(lin.weight.shape, generator=g, dtype=torch.float64) for n, lin in linears.items()}
+        self._bruteforce = {}
+
+    def valuer(self, **overrides):
+        cfg = ValuationConfig(**{"last_k": LAST_K, "window": WINDOW, "lam": LAM, **overrides})
+        valuer = TokenValuer(self.model, cfg, fisher=self.fisher, reference=self.reference)
+        valuer.set_validation(self.val_batch)
+        return valuer
+
+    def bruteforce(self, signal):
+        if signal not in self._bruteforce:
+            target = validation_gradient(self.model, LAST_K, self.val_batch)
+            proxy = proxy_direction(self.model, LAST_K, self.fisher, self.reference)
+            self._bruteforce[signal] = bruteforce_scores(
+                self.model, self.batch, last_k=LAST_K, window=WINDOW, lam=LAM, signal=signal, target=target, proxy=proxy
+            )
+        return self._bruteforce[signal]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def setup(request):
+    return Setup(request.param)
+
+
+def assert_scores_close(scores: TokenScores, reference: dict, what: str, tol=1e-6):
+    errors = {c: rel_err(getattr(scores, c), reference[c]) for c in COMPONENTS}
+    bad = {c: e for c, e in errors.items() if not e <= tol}
+    assert not bad, f"{what}: components off by relative error {bad} (tolerance {tol})"
+
+
+@pytest.mark.parametrize("signal", ["self", "total"])
+def test_engine_matches_bruteforce(setup, signal):
+    reference = setup.bruteforce(signal)
+    for c in COMPONENTS:  # the comparison must be about something
+        assert reference[c].abs().max() > 1e-4, f"{setup.arch}/{signal}: brute-force {c} is trivially zero"
+    scores = setup.valuer(signal=signal).score(setup.batch)
+    assert_scores_close(scores, reference, f"{setup.arch}/{signal}")
+    zero = setup.batch["labels"] == -100
+    assert (scores.total[zero] == 0).all()
+
+
+def test_signals_differ(setup):
+    """`self` and `total` are different quantities (the test above would not notice a swap otherwise)."""
+    s, t = setup.bruteforce("self"), setup.bruteforce("total")
+    assert rel_err(s["tgt_dir"], t["tgt_dir"]) > 1e-3
+
+
+@pytest.mark.parametrize("signal", ["self", "total"])
+def test_contract_equals_ghost(setup, signal):
+    contract = setup.valuer(signal=signal, target_form="contract").score(setup.batch)
+    ghost = setup.valuer(signal=signal, target_form="ghost").score(setup.batch)
+    auto = setup.valuer(signal=signal, target_form="auto").score(setup.batch)
+    for c in COMPONENTS:
+        assert rel_err(ghost.__dict__[c], contract.__dict__[c]) <= 1e-10, c
+        assert rel_err(auto.__dict__[c], contract.__dict__[c]) <= 1e-10, c
+
+
+def test_score_captured_equals_score_and_keeps_graph(setup):
+    model, batch = setup.model, setup.batch
+    valuer = setup.valuer(signal="self")
+    expected = valuer.score(batch)
+    with valuer.capture():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    token_loss = token_losses(out.logits, batch["labels"])  # (B, T-1)
+    scores = valuer.score_captured(batch, token_loss)
+    for c in COMPONENTS:
+        assert rel_err(getattr(scores, c), getattr(expected, c)) <= 1e-10, c
+    assert all(p.grad is None for p in model.parameters())
+    # the caller's backward on the same graph still works and gives the ordinary gradient
+    params = [p for p in model.parameters()]
+    loss = token_loss.sum()
+    grads = torch.autograd.grad(loss, params)
+    fresh = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    fresh_grads = torch.autograd.grad(token_losses(fresh.logits, batch["labels"]).sum(), params)
+    for g1, g2 in zip(grads, fresh_grads):
+        assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-12)
+
+
+def test_proxy_zero_at_reference(setup):
+    reference = {n: p.detach().clone() for n, p in setup.model.named_parameters()}
+    valuer = TokenValuer(setup.model, ValuationConfig(last_k=LAST_K, window=WINDOW), fisher=setup.fisher, reference=reference)
+    valuer.set_validation(setup.val_batch)
+    scores = valuer.score(setup.batch)
+    assert (scores.prx_dir == 0).all() and (scores.prx_cau == 0).all()
+    assert scores.tgt_dir.abs().max() > 0
+    no_proxy = TokenValuer(setup.model, ValuationConfig(last_k=LAST_K, window=WINDOW))
+    no_proxy.set_validation(setup.val_batch)
+    s = no_proxy.score(setup.batch)
+    assert (s.prx_dir == 0).all() and (s.prx_cau == 0).all()
+    assert torch.equal(s.total, s.tgt_dir + s.tgt_cau)
+
+
+def test_lam_scales_exactly_the_proxy(setup):
+    a = setup.valuer(lam=0.0).score(setup.batch)
+    b = setup.valuer(lam=2.5).score(setup.batch)
+    for c in ("tgt_dir", "tgt_cau", "prx_dir", "prx_cau"):
+        assert torch.equal(getattr(a, c), getattr(b, c)), c
+    assert torch.allclose(b.total - a.total, 2.5 * (a.prx_dir + a.prx_cau), rtol=1e-12, atol=1e-14)
+    assert torch.equal(a.total, a.tgt_dir + a.tgt_cau)
+
+
+@pytest.mark.parametrize("form", ["contract", "ghost"])
+def test_switching_off_a_component(setup, form):
+    full = setup.valuer(target_form=form).score(setup.batch)
+    for c in ("tgt_dir", "tgt_cau", "prx_dir", "prx_cau"):
+        part = setup.valuer(target_form=form, **{f"use_{c}": False}).score(setup.batch)
+        assert (getattr(part, c) == 0).all(), c
+        assert getattr(full, c).abs().max() > 0, c
+        for other in ("tgt_dir", "tgt_cau", "prx_dir", "prx_cau"):
+            if other != c:
+                assert torch.equal(getattr(part, other), getattr(full, other)), f"{c} off changed {other}"
+
+
+@pytest.mark.parametrize("signal", ["self", "total"])
+def test_example_scale_is_linear_per_example(setup, signal):
+    valuer = setup.valuer(signal=signal)
+    w = torch.tensor([0.7, -1.3, 2.0], dtype=torch.float64)
+    plain = valuer.score(setup.batch)
+    scaled = valuer.score(setup.batch, example_scale=w)
+    for c in COMPONENTS:
+        assert torch.allclose(getattr(scaled, c), w[:, None] * getattr(plain, c), rtol=1e-12, atol=1e-15), c
+    # and against the brute force with the same scale
+    target = validation_gradient(setup.model, LAST_K, setup.val_batch)
+    proxy = proxy_direction(setup.model, LAST_K, setup.fisher, setup.reference)
+    if signal == "total":
+        bf = bruteforce_scores(setup.model, setup.batch, last_k=LAST_K, window=WINDOW, lam=LAM, signal=signal,
+                               target=target, proxy=proxy, example_scale=w)
+        assert_scores_close(scaled, bf, f"{setup.arch}/example_scale")
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
+               + len(getattr(m, "_forward_hooks_with_kwargs", {})) + len(getattr(m, "_forward_pre_hooks_with_kwargs", {}))
+               for m in model.modules())
+
+
+def test_model_left_untouched(setup):
+    model = setup.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    impl = model.config._attn_implementation
+    params = list(model.parameters())
+    params[0].grad = torch.full_like(params[0], 0.5)  # a pre-existing accumulated gradient
+    ckpt = [b.__dict__.get("gradient_checkpointing") for b in decoder_blocks(model)]
+    valuer = setup.valuer(signal="self")
+    valuer.score(setup.batch)
+    with valuer.capture():
+        out = model(input_ids=setup.batch["input_ids"], attention_mask=setup.batch["attention_mask"])
+    valuer.score_captured(setup.batch, token_losses(out.logits, setup.batch["labels"]))
+    assert torch.equal(params[0].grad, torch.full_like(params[0], 0.5))
+    params[0].grad = None
+    assert all(p.grad is None for p in params)
+    assert _hook_count(model) == 0
+    assert model.config._attn_implementation == impl
+    assert all(m.config._attn_implementation == impl for m in model.modules() if hasattr(m, "config"))
+    assert [b.__dict__.get("gradient_checkpointing") for b in decoder_blocks(model)] == ckpt
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert valuer._captured is None
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_same_scores(use_reentrant):
+    for arch in ("llama", "gemma3"):
+        setup = Setup(arch)
+        model = setup.model
+        for signal in ("self", "total"):
+            expected = setup.valuer(signal=signal).score(setup.batch)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            model.train()
+            hooks_before = _hook_count(model)  # checkpointing may register its own hooks
+            try:
+                valuer = setup.valuer(signal=signal)
+                got = valuer.score(setup.batch)
+                with valuer.capture():
+                    out = model(input_ids=setup.batch["input_ids"], attention_mask=setup.batch["attention_mask"])
+                token_loss = token_losses(out.logits, setup.batch["labels"])
+                captured = valuer.score_captured(setup.batch, token_loss)
+                token_loss.sum().backward()  # the caller's backward (recomputes the checkpointed blocks)
+                assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+                assert _hook_count(model) == hooks_before
+            finally:
+                model.gradient_checkpointing_disable()
+                model.eval()
+                model.zero_grad(set_to_none=True)
+            for c in COMPONENTS:
+                assert rel_err(getattr(got, c), getattr(expected, c)) <= 1e-10, f"{arch}/{signal}/{c} score"
+                assert rel_err(getattr(captured, c), getattr(expected, c)) <= 1e-10, f"{arch}/{signal}/{c} captured"
+
+
+def test_eager_model_matches_sdpa_model():
+    """The valuation does not depend on the model's own attention implementation (right padding,
+    where float64 eager attention is well defined). Transformers' eager attention takes its softmax
+    in float32 even for float64 models, so the two forwards themselves differ by ~1e-8 relative."""
+    setup = Setup("gemma3")
+    g = torch.Generator().manual_seed(3)
+    batch = make_batch(g, 2, 13, prompt=4, left_pad=[0, 0], right_pad=[0, 3])
+    val = make_batch(g, 2, 10, prompt=3, left_pad=[0, 0], right_pad=[2, 0])
+    eager = build_tiny_model("gemma3", dtype=torch.float64, attn_implementation="eager")
+    eager.load_state_dict(setup.model.state_dict())
+    results = []
+    for model in (setup.model, eager):
+        valuer = TokenValuer(model, ValuationConfig(last_k=LAST_K, window=4), fisher=setup.fisher, reference=setup.reference)
+        valuer.set_validation(val)
+        results.append(valuer.score(batch))
+    for c in COMPONENTS:
+        assert rel_err(getattr(results[1], c), getattr(results[0], c)) <= 1e-6, c
+    assert eager.config._attn_implementation == "eager"
+
+
+def test_custom_validation_objective_matches_bruteforce():
+    """A DPO-style objective (any scalar of the model outputs) defines G by its plain gradient."""
+    setup = Setup("qwen2")
+    weights = torch.tensor([0.3, -0.8], dtype=torch.float64)
+
+    def objective(model, batch):
+        half = {k: v for k, v in batch.items()}
+        losses = token_losses(model(input_ids=half["input_ids"], attention_mask=half["attention_mask"]).logits, half["labels"])
+        first = token_losses(model(input_ids=half["input_ids"][:1], attention_mask=half["attention_mask"][:1]).logits,
+                             half["labels"][:1])
+        return torch.nn.functional.logsigmoid((weights[:, None] * losses).sum()) + 0.1 * first.sum()
+
+    valuer = TokenValuer(setup.model, ValuationConfig(last_k=LAST_K, window=WINDOW, signal="total"),
+                         fisher=setup.fisher, reference=setup.reference)
+    valuer.set_validation(setup.val_batch, objective=objective)
+    scores = valuer.score(setup.batch)
+    target = validation_gradient(setup.model, LAST_K, setup.val_batch, objective=objective)
+    proxy = proxy_direction(setup.model, LAST_K, setup.fisher, setup.reference)
+    bf = bruteforce_scores(setup.model, setup.batch, last_k=LAST_K, window=WINDOW, lam=LAM, signal="total",
+                           target=target, proxy=proxy)
+    assert_scores_close(scores, bf, "qwen2/custom objective")
+
+
+def test_bad_input_errors():
+    setup = Setup("llama")
+    with pytest.raises(ValueError, match="signal"):
+        ValuationConfig(signal="both")
+    with pytest.raises(ValueError, match="target_form"):
+        ValuationConfig(target_form="fast")
+    broken = dict(setup.fisher)
+    name = next(iter(broken))
+    del broken[name]
+    with pytest.raises(KeyError, match=name):
+        TokenValuer(setup.model, ValuationConfig(last_k=LAST_K), fisher=broken, reference=setup.reference)
+    valuer = TokenValuer(setup.model, ValuationConfig(last_k=LAST_K))
+    with pytest.raises(RuntimeError, match="set_validation"):
+        valuer.score(setup.batch)
+    with pytest.raises(KeyError, match="labels"):
+        valuer.set_validation({"input_ids": setup.batch["input_ids"]})
+    empty = dict(setup.val_batch, labels=torch.full_like(setup.val_batch["labels"], -100))
+    with pytest.raises(ValueError, match="no response tokens"):
+        valuer.set_validation(empty)
+    with pytest.raises(RuntimeError, match="capture"):
+        valuer.score_captured(setup.batch, torch.zeros(3, 13, dtype=torch.float64))
+    assert dataclasses.is_dataclass(ValuationConfig) and ValuationConfig.__dataclass_params__.frozen
