@@ -15,9 +15,14 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/fisher.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/dpo.smk"
 
 
 rule all:
     input:
-        rules.fisher.output,
+        rules.report.output if "sft" in routes() else [],
+        rules.heatmap.output if "sft" in routes() else [],
+        rules.report_dpo.output if "dpo" in routes() else [],
     default_target: True

@@ -120,3 +120,26 @@ def test_unknown_suite_or_task_is_an_error(tmp_path):
         run_retention(tmp_path, "nope")
     with pytest.raises(ValueError, match=r"\['gsm8k'\] are not in the offline suite"):
         run_retention(tmp_path, "offline", tasks=["gsm8k"])
+
+
+def test_paper_suite_maps_to_lm_eval_task_configs():
+    """The paper suite (App. C.3, Table 5) against lm-eval's own task configs, without any download:
+    ARC-C and HellaSwag 0-shot accuracy (`acc`, the paper reports "Accuracy", not normalised), MMLU
+    5-shot accuracy (the group's size-weighted `acc`), GSM8K 5-shot exact match after the strict
+    "#### <number>" answer extraction."""
+    from lm_eval.tasks import TaskManager
+
+    from alphatoken.eval.harness import PAPER_TASKS
+
+    assert PAPER_TASKS == {"arc_challenge": (0, "acc,none"), "hellaswag": (0, "acc,none"),
+                           "mmlu": (5, "acc,none"), "gsm8k": (5, "exact_match,strict-match")}
+    index = TaskManager().task_index
+    for task in ("arc_challenge", "hellaswag"):
+        cfg = index[task].cfg
+        assert cfg["output_type"] == "multiple_choice"
+        assert "acc" in [m["metric"] for m in cfg["metric_list"]]
+    assert [m["metric"] for m in index["mmlu"].cfg["aggregate_metric_list"]] == ["acc"]
+    gsm8k = index["gsm8k"].cfg
+    assert [m["metric"] for m in gsm8k["metric_list"]] == ["exact_match"]
+    assert "strict-match" in [f["name"] for f in gsm8k["filter_list"]]
+    assert gsm8k["num_fewshot"] == 5  # also passed explicitly by run_retention

@@ -83,11 +83,66 @@ def test_stage_entry_points_match_dvc_stages(dvc_stages):
     run = {}
     for name, stage in dvc_stages.items():
         module = re.match(r"python -m alphatoken\.stages\.(\w+) ", stage["cmd"]).group(1)
-        section = re.search(r"--section (\w+)", stage["cmd"]).group(1)
-        assert stage["params"] == [section], name
+        sections = set(re.findall(r"--(?:[a-z]+-)?section (\w+)", stage["cmd"]))
+        assert {p.split(".")[0] for p in stage["params"]} == sections, name
         assert "--params params.yaml " in stage["cmd"], name
         run[module] = name
     assert set(run) == entry_points
+
+
+def test_run_matrix_is_a_dvc_matrix_over_the_same_parameters(dvc_stages):
+    """train and evaluate are DVC matrix stages over train.methods x train.seeds (so `dvc exp run -S`
+    on them changes the runs); a run's settings are listed key by key without the matrix lists (adding
+    a seed reruns no existing run), and the report depends on every run through their directories."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name in ("train", "evaluate"):
+        stage = dvc_stages[name]
+        assert stage["matrix"] == {"method": "${train.methods}", "seed": "${train.seeds}"}
+        assert "--method ${item.method}" in stage["cmd"] or "${item.method}-${item.seed}" in stage["cmd"]
+        assert stage["outs"] == [f"results/{'train' if name == 'train' else 'eval/runs'}/${{item.method}}-${{item.seed}}"]
+    train = dvc_stages["train"]
+    assert "train.rho" in train["params"] and "valuation" in train["params"]
+    assert {p for p in train["params"] if p.startswith("train.")} == {
+        f"train.{k}" for k in params["train"] if k not in ("methods", "seeds")}
+    assert "results/train/${item.method}-${item.seed}" in dvc_stages["evaluate"]["deps"]
+    report = dvc_stages["report"]
+    assert {"results/eval/runs", "results/train", "results/eval/base"} <= set(report["deps"])
+    assert set(report["params"]) == {"report", "train.methods", "train.seeds"}
+    assert {"results/report/metrics.json": {"cache": False}} in report["outs"]
+    declared = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert declared["metrics"] == ["results/report/metrics.json"]
+    assert {next(iter(p)) for p in declared["plots"]} == {"results/report/table.csv", "results/report/curves"}
+    assert params["train"]["methods"][:1] == ["alphatoken"] and {"full", "random", "bottom"} <= set(params["train"]["methods"])
+
+
+def test_generator_refuses_a_rule_outside_the_run_matrix(tmp_path):
+    """A wildcard that is not a run-matrix wildcard cannot become a DVC matrix stage: named, not guessed."""
+    repo = copy_pipeline(tmp_path / "repo")
+    extra = repo / "workflow/rules/evaluate.smk"
+    extra.write_text(extra.read_text() + """
+rule evaluate_variant:
+    input:
+        code=stage_code("evaluate"),
+        model=rules.prepare_model.output.model,
+    output:
+        eval=directory("results/variants/{variant}"),
+    params:
+        eval=config["eval"],
+    log:
+        "logs/evaluate_variant/{variant}.log",
+    benchmark:
+        "benchmarks/evaluate_variant/{variant}.tsv"
+    shell:
+        stage("evaluate", "eval", "--model {input.model} --out {output.eval}")
+""")
+    snakefile = repo / "Snakefile"
+    target = '        rules.report.output if "sft" in routes() else [],\n'
+    assert target in snakefile.read_text()
+    snakefile.write_text(snakefile.read_text().replace(target, target + "        'results/variants/a',\n"))
+    result = subprocess.run([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--check", "--root", str(repo)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "rule evaluate_variant: wildcards ['variant'] are not run-matrix wildcards" in result.stderr
 
 
 class _RepoModuleFinder(modulefinder.ModuleFinder):
@@ -154,11 +209,16 @@ def test_every_rule_has_log_benchmark_and_only_its_sections(tmp_path):
         for name, rule in rules.items():
             if rule.norun:
                 continue  # the target rule `all`
-            assert len(rule.log) == 1 and str(rule.log[0]) == f"logs/{name}.log", name
-            assert rule.benchmark is not None and str(rule.benchmark) == f"benchmarks/{name}.tsv", name
+            wildcards = "/" + "-".join("{%s}" % w for w in sorted(rule.wildcard_names, key=lambda w: "seed" in w)) \
+                if rule.wildcard_names else ""
+            plain = lambda path: re.sub(r"\{(\w+),[^}]*\}", r"{\1}", str(path))  # without wildcard constraints
+            assert len(rule.log) == 1 and plain(rule.log[0]) == f"logs/{name}{wildcards}.log", name
+            assert rule.benchmark is not None and plain(rule.benchmark) == f"benchmarks/{name}{wildcards}.tsv", name
             assert all(str(o).startswith("results/") for o in rule.output), name
             assert rule.shellcmd.endswith(" > {log} 2>&1"), name
-    assert {"prepare_model", "build_corpus", "prepare_data", "fisher"} <= set(rules)
+    assert {"prepare_model", "build_corpus", "prepare_data", "fisher", "train", "evaluate", "evaluate_base",
+            "report", "prepare_preference", "warmstart_sft", "fisher_dpo", "train_dpo", "evaluate_warmstart",
+            "evaluate_dpo", "report_dpo"} <= set(rules)
 
 
 def test_snakemake_lint_is_clean(tmp_path):
@@ -252,3 +312,96 @@ def test_stage_error_is_one_actionable_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"error: {params}:4: model.attention: unknown field(s) ['attention']" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Paper configs, multi-GPU launch, report inputs
+
+PAPER_CONFIGS = sorted((REPO / "configs").glob("paper-*.yaml"))
+
+
+def _merged(*files: Path) -> dict:
+    merged: dict = {}
+    for f in files:
+        merged = sync_dvc._merge(merged, yaml.safe_load(f.read_text()))
+    return merged
+
+
+@pytest.mark.parametrize("config", PAPER_CONFIGS, ids=[c.stem for c in PAPER_CONFIGS])
+def test_paper_config_is_ready_to_run(config):
+    """Each paper config opens with its launch command, builds every stage's config without error,
+    has the paper's global batch on 4 GPUs, and its DAG resolves (dry run, no hub access)."""
+    from alphatoken.fisher import FisherConfig
+    from alphatoken.stages.evaluate import DEFAULTS
+    from alphatoken.stages.train import read_train_config
+
+    lines = config.read_text().splitlines()
+    assert lines[0].startswith("# ") and lines[1] == f"#   snakemake --profile slurm --configfile configs/{config.name}"
+    files = [REPO / "params.yaml", config]
+    merged = _merged(*files)
+    route = "dpo" if config.stem.endswith("dpo") else "sft"
+    assert merged["routes"] == [route]
+    to_config(read_section(files, "model"), ModelSpec)
+    fisher = read_section(files, "fisher")
+    to_config(type(fisher)(fisher.name, {k: v for k, v in fisher.values.items()
+                                         if k in FisherConfig.__dataclass_fields__}, fisher.where), FisherConfig)
+    assert set(merged["eval"]) <= set(DEFAULTS) and merged["eval"]["suite"] == "paper"
+    expected_batch = {"train": 64, "warmstart": 128, "dpo": 64}
+    for section in (["train"] if route == "sft" else ["warmstart", "dpo"]):
+        for method in merged[section].get("methods", ["full"]):
+            _, cfg = read_train_config(files, section, "valuation", method, 0, "out")
+        rule = {"train": "train", "warmstart": "warmstart_sft", "dpo": "train_dpo"}[section]
+        gpus = merged["resources"][rule]["gpu"]
+        assert cfg.micro_batch_size * cfg.grad_accum_steps * gpus == expected_batch[section]
+        assert cfg.bf16 and cfg.gradient_checkpointing
+    result = snakemake(REPO, "-n", "--configfile", str(config.relative_to(REPO)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ("report_dpo" if route == "dpo" else "report ") in result.stdout
+
+
+def test_multi_gpu_train_runs_torchrun_inside_its_one_job(tmp_path, monkeypatch):
+    """resources.train.gpu > 1: the stage (one SLURM task) relaunches itself under torchrun with one
+    process per GPU and exits with torchrun's status; it does not train in the launching process."""
+    import subprocess as sp
+
+    from alphatoken.stages import train
+
+    overlay = tmp_path / "gpus.yaml"
+    overlay.write_text("resources:\n  train: {gpu: 4, threads: 2}\n")
+    calls = []
+    monkeypatch.setattr(sp, "call", lambda cmd: calls.append(cmd) or 3)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    argv = ["--params", str(REPO / "params.yaml"), str(overlay), "--section", "train", "--valuation-section", "valuation",
+            "--objective", "sft", "--method", "full", "--model", "m", "--train-data", "t", "--val-data", "v", "--out", "o"]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 3
+    assert len(calls) == 1
+    cmd = calls[0]
+    assert Path(cmd[0]).name == "torchrun" and "--nproc_per_node=4" in cmd
+    assert cmd[cmd.index("-m") + 1:] == ["alphatoken.stages.train", *argv]
+
+
+def test_report_names_the_missing_run_and_the_rule_to_rerun(tmp_path, capsys):
+    from alphatoken.stages import report
+
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  methods: [full, random]\n  seeds: [0]\nreport:\n  title: t\n")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "metrics.json").write_text('{"HE": 1.0}')
+    (tmp_path / "runs" / "full-0").mkdir(parents=True)
+    (tmp_path / "runs" / "full-0" / "metrics.json").write_text('{"HE": 2.0}')
+    live = tmp_path / "train" / "full-0" / "dvclive" / "plots" / "metrics" / "train"
+    live.mkdir(parents=True)
+    (live / "loss.tsv").write_text("step\tloss\n0\t2.5\n")
+    (live / "kept_fraction.tsv").write_text("step\tkept_fraction\n0\t1.0\n")
+    argv = ["--params", str(params), "--section", "report", "--runs-section", "train", "--base", str(tmp_path / "base"),
+            "--evals", str(tmp_path / "runs"), "--train", str(tmp_path / "train"), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        report.main(argv)
+    assert f"{tmp_path / 'runs' / 'random-0' / 'metrics.json'} is missing for run random-0" in capsys.readouterr().err
+    params.write_text("train:\n  methods: [full]\n  seeds: [0]\nreport:\n  title: t\n")
+    report.main(argv)
+    assert (tmp_path / "out" / "table.md").read_text().count("| full | 1 |") == 1
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == {"base/HE": 1.0, "full/HE": 2.0}
+    assert (tmp_path / "out" / "curves" / "full-0.csv").read_text() == "step,loss,kept_fraction\n0,2.5,1.0\n"

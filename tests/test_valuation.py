@@ -305,3 +305,56 @@ def test_bad_input_errors():
     with pytest.raises(RuntimeError, match="capture"):
         valuer.score_captured(setup.batch, torch.zeros(3, 13, dtype=torch.float64))
     assert dataclasses.is_dataclass(ValuationConfig) and ValuationConfig.__dataclass_params__.frozen
+
+
+def _per_example_objective(model, batch):
+    """J = mean over examples of the summed token loss of each example: the mean of two equal halves'
+    J equals J of the whole batch exactly, so averaging per-rank G reproduces the full-batch G."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return token_losses(out.logits, batch["labels"]).sum(1).mean()
+
+
+@pytest.mark.parametrize("form", ["ghost", "auto"])
+def test_reduce_averages_validation_gradients_of_two_ranks(form):
+    s = Setup("qwen2")
+    halves = [{k: v[i : i + 1] for k, v in s.val_batch.items()} for i in range(2)]
+    cfg = ValuationConfig(last_k=LAST_K, window=WINDOW, lam=LAM, target_form=form)
+    full = TokenValuer(s.model, cfg, fisher=s.fisher, reference=s.reference)
+    full.set_validation(s.val_batch, objective=_per_example_objective)
+    expected = full.score(s.batch)
+
+    other_rank = []  # G of the second half-batch, in the order the valuer reduces them
+    ranked = TokenValuer(s.model, cfg, fisher=s.fisher, reference=s.reference)
+    ranked.set_validation(halves[1], objective=_per_example_objective, reduce=lambda g: other_rank.append(g.clone()) or g)
+    pending = list(other_rank)
+    ranked.set_validation(halves[0], objective=_per_example_objective, reduce=lambda g: (g + pending.pop(0)) / 2)
+    assert not pending and len(other_rank) == len(scored_linears(s.model, LAST_K))
+    assert all(t.form == "contract" for t in ranked._target.values())
+    assert_scores_close(ranked.score(s.batch), {c: getattr(expected, c) for c in COMPONENTS}, f"reduce ({form})")
+    # without averaging, one half alone gives a different G (the test can fail)
+    ranked.set_validation(halves[0], objective=_per_example_objective)
+    assert rel_err(ranked.score(s.batch).tgt_dir, expected.tgt_dir) > 1e-3
+
+
+def test_scoring_micro_batches_leaves_accumulated_grad_exact():
+    s = Setup("llama")
+    micro = [{k: v[i : i + 1] for k, v in s.batch.items()} for i in (0, 1)]
+    weights = [torch.tensor(0.7), torch.tensor(1.3)]
+
+    def accumulate(valuer):
+        s.model.zero_grad(set_to_none=True)
+        for batch, w in zip(micro, weights):
+            ctx = valuer.capture() if valuer is not None else torch.enable_grad()
+            with ctx:
+                out = s.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            token_loss = token_losses(out.logits, batch["labels"])
+            if valuer is not None:
+                valuer.score_captured(batch, token_loss)
+            (w * token_loss.sum()).backward()
+        return {n: p.grad.clone() for n, p in s.model.named_parameters()}
+
+    plain = accumulate(None)
+    with_scoring = accumulate(s.valuer(signal="self"))
+    s.model.zero_grad(set_to_none=True)
+    for name, grad in plain.items():
+        assert torch.equal(with_scoring[name], grad), f"{name}: .grad changed by scoring"

@@ -11,4 +11,6 @@ Modules:
     judge     -- pluggable pairwise judge for preference win rates
     report    -- paper metrics, mean +- std tables (Markdown/CSV), metrics JSON, DVC plots
     heatmap   -- self-contained HTML token heatmaps of the four score components
+    suite     -- `evaluate_checkpoint` (all of the above on one checkpoint -> metrics.json) and
+                 `score_heatmap` (TokenValuer scores of a few training examples -> HTML)
 """

@@ -1,13 +1,23 @@
-"""Stage build_corpus: the offline target corpus (instruction -> code pairs from the running
-Python's standard library, decontaminated against HumanEval) and its preference pairs.
+"""Stage build_corpus: the target corpus and its preference pairs. By default offline: instruction ->
+code pairs from the running Python's standard library, decontaminated against HumanEval. The paper
+configs name hub datasets instead (`sft_dataset`, `preference_dataset`: magicoder, ultrachat,
+ultrafeedback; optionally read from a local copy), which replace the offline file they stand for.
 
     python -m alphatoken.stages.build_corpus --params params.yaml --section corpus --out results/corpus
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from alphatoken.corpus import write_corpus
-from alphatoken.stages.common import ParamsError, fail, log_run_environment, read_section, stage_parser, to_kwargs
+from alphatoken.data import HUB_DATASETS, DataError, DataLimits, load_hub_dataset, to_json
+from alphatoken.stages.common import (
+    ParamsError, fail, log_run_environment, read_section, split_section, stage_parser, to_kwargs,
+)
+
+HUB_KEYS = ("sft_dataset", "sft_local_path", "preference_dataset", "preference_local_path", "max_examples")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -15,7 +25,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="directory for sft.jsonl, preference.jsonl, manifest.json")
     args = parser.parse_args(argv)
     try:
-        kwargs = to_kwargs(read_section(args.params, args.section), write_corpus, exclude=("out_dir", "problems"))
+        section = read_section(args.params, args.section)
+        hub, rest = split_section(section, HUB_KEYS)
+        kwargs = to_kwargs(rest, write_corpus, exclude=("out_dir", "problems"))
+        for kind in ("sft", "preference"):
+            name = hub.get(f"{kind}_dataset") or ""
+            if name and (name not in HUB_DATASETS or HUB_DATASETS[name].kind != ("chat" if kind == "sft" else "preference")):
+                raise ParamsError(f"{section.locate(kind + '_dataset')}: {name!r} is not a {kind} dataset of {sorted(HUB_DATASETS)}")
     except ParamsError as err:
         fail(str(err))
     log_run_environment("build_corpus", "cpu")
@@ -24,6 +40,24 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as err:
         fail(f"{err} (set {args.section}.stdlib_dir to a directory of Python sources, or leave it empty)")
     counts = result["counts"]
+    manifest_path = Path(args.out) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for kind in ("sft", "preference"):
+        name = hub.get(f"{kind}_dataset") or ""
+        if not name:
+            continue
+        try:
+            loaded = load_hub_dataset(name, DataLimits(on_error="drop", max_examples=int(hub.get("max_examples") or 0)),
+                                      local_path=hub.get(f"{kind}_local_path") or None)
+        except (DataError, FileNotFoundError, OSError) as err:
+            fail(f"{err} ({args.section}.{kind}_dataset={name!r}: populate the HF cache or set {args.section}.{kind}_local_path)")
+        with open(Path(args.out) / f"{kind}.jsonl", "w", encoding="utf-8") as f:
+            for example in loaded.examples:
+                f.write(json.dumps(to_json(example), ensure_ascii=False, sort_keys=True) + "\n")
+        counts[kind] = len(loaded.examples)
+        manifest.setdefault("hub", {})[kind] = loaded.manifest()
+    manifest["counts"] = counts
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     if counts["sft"] == 0:
         fail(f"the corpus is empty ({counts}); loosen {args.section}.min_doc_chars / max_code_chars")
     print(f"[build_corpus] {counts} -> {args.out}")

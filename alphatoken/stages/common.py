@@ -224,3 +224,42 @@ def fail(message: str) -> None:
     """Exit with a one-line error a person can act on (Snakemake then names the rule and its log)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
+
+
+def gpus_requested(files: list[str | Path], rule: str) -> int:
+    """GPUs of `rule` (`resources.<rule>.gpu` in the parameter files, default 0)."""
+    merged: dict = {}
+    for file in files:
+        merged = _merge(merged, yaml.safe_load(Path(file).read_text()) or {})
+    return int(((merged.get("resources") or {}).get(rule) or {}).get("gpu", 0) or 0)
+
+
+def relaunch_under_torchrun(module: str, argv: list[str], gpus: int) -> None:
+    """Run `python -m module argv` as `gpus` processes under torchrun, inside this one job, and
+    exit with its status. A job scheduler starts one task per job (one process); torchrun starts
+    the per-GPU workers, which see WORLD_SIZE/LOCAL_RANK and do not relaunch."""
+    import shutil
+    import subprocess
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--standalone", f"--nproc_per_node={gpus}", "-m", module, *argv]
+    print(f"[run] launching {gpus} processes: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    raise SystemExit(subprocess.call(cmd))
+
+
+def init_distributed() -> tuple[int, int, str]:
+    """(rank, world size, device) of this process: a torchrun worker joins the process group
+    (NCCL on GPUs, gloo on CPU) and takes GPU LOCAL_RANK; a single process runs on the best device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device()
+    import torch
+    import torch.distributed as dist
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), world, f"cuda:{local_rank}"
+    dist.init_process_group("gloo")
+    return dist.get_rank(), world, "cpu"

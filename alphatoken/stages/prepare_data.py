@@ -1,5 +1,5 @@
 """Stage prepare_data: draw the target-validation and Fisher hold-outs (disjoint by prompt) and the
-training pool from a chat corpus, before any training.
+training pool from a chat corpus (or preference pairs, `--kind preference`), before any training.
 
     python -m alphatoken.stages.prepare_data --params params.yaml --section data \
         --corpus results/corpus/sft.jsonl --out results/data
@@ -17,7 +17,8 @@ OWN_KEYS = ("n_val", "n_fisher", "seed")  # make_splits arguments; the rest are 
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
-    parser.add_argument("--corpus", required=True, help="chat examples (JSONL) to split")
+    parser.add_argument("--corpus", required=True, help="chat examples or preference pairs (JSONL) to split")
+    parser.add_argument("--kind", choices=("chat", "preference"), default="chat", help="what the corpus holds")
     parser.add_argument("--out", required=True, help="directory for train/val/fisher.jsonl and manifest.json")
     args = parser.parse_args(argv)
     try:
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(err))
     log_run_environment("prepare_data", "cpu")
     try:
-        loaded = load_jsonl(args.corpus, kind="chat", limits=limits)
+        loaded = load_jsonl(args.corpus, kind=args.kind, limits=limits)
         splits = make_splits(loaded.examples, own["n_val"], own["n_fisher"], own["seed"])
     except (DataError, ValueError, FileNotFoundError) as err:
         fail(f"{err} (check {args.corpus} or {args.section}.n_val / n_fisher)")

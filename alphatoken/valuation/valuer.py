@@ -107,10 +107,21 @@ class TokenValuer:
             w = linear.weight.detach().to(cd)
             self._proxy[name] = self.fisher[name].to(w.device, cd) * (w - self.reference[name].to(w.device, cd))  # (d_out, d_in)
 
-    def set_validation(self, val_batch: dict, objective: Callable | None = None) -> None:
+    def set_validation(
+        self,
+        val_batch: dict,
+        objective: Callable | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         """Compute the target direction G = grad_W J_tgt on the current weights and refresh P.
         Default J_tgt: mean token loss over all validation response tokens; `objective(model, batch)`
-        may return any scalar built from the model's outputs (e.g. the DPO loss of validation pairs)."""
+        may return any scalar built from the model's outputs (e.g. the DPO loss of validation pairs).
+        `reduce(G) -> G'` is applied to every per-weight G (d_out, d_in), e.g. an all-reduce average
+        across data-parallel ranks: G = (1/R) sum_r G_r, which is the gradient of the mean of the
+        per-rank objectives (it equals G of the union batch when every rank's objective is a mean
+        over the same number of examples/tokens). The ghost form keeps per-token validation
+        activations whose count differs per rank and cannot be averaged exactly, so `reduce` forces
+        the contract form for every weight."""
         labels = _batch_field(val_batch, "labels")
         with BlockCapture(self.blocks, cut_last=True) as capture, torch.enable_grad():
             if objective is None:
@@ -146,11 +157,16 @@ class TokenValuer:
             keep = val_e.abs().sum(-1) > 0  # rows without error add nothing to G
             val_x, val_e = val_x[keep], val_e[keep]
             d_out, d_in = linear.weight.shape
-            form = self.config.target_form
+            form = "contract" if reduce is not None else self.config.target_form
             if form == "auto":
                 form = "ghost" if val_x.shape[0] * (d_in + d_out) < d_in * d_out else "contract"
             if form == "contract":
-                target[name] = TargetDirection("contract", val_e.T @ val_x, None, None)  # (d_out, d_in)
+                g = val_e.T @ val_x  # (d_out, d_in)
+                if reduce is not None:
+                    g = reduce(g)
+                    if not isinstance(g, torch.Tensor) or tuple(g.shape) != (d_out, d_in):
+                        raise ValueError(f"reduce must return a tensor of shape {(d_out, d_in)} for {name}")
+                target[name] = TargetDirection("contract", g, None, None)
             else:
                 target[name] = TargetDirection("ghost", None, val_x, val_e)
         self._target = target

@@ -9,7 +9,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
-from stagedeps import stage_sources  # noqa: E402
+from stagedeps import MATRIX, stage_sources  # noqa: E402
 
 REPO = Path(workflow.basedir)
 ENV = "../envs/alphatoken.yaml"  # conda env (relative to this file) for `--sdm conda`; see the file
@@ -80,3 +80,48 @@ def rule_resources(rule_name):
 def rule_threads(rule_name):
     """Local cores of a rule (also --cpus-per-task for CPU rules on SLURM)."""
     return int(config["resources"].get(rule_name, {}).get("threads", 1))
+
+
+# The run matrix: one train (and evaluate) job per method x seed of the parameters.
+wildcard_constraints:
+    method="[a-z0-9_]+",
+    seed="[0-9]+",
+    dpo_method="[a-z0-9_]+",
+    dpo_seed="[0-9]+",
+
+
+def matrix_values(wildcard):
+    """The values the run-matrix wildcard ranges over (e.g. `train.methods` for `method`)."""
+    section, key = MATRIX[wildcard]
+    values = config[section].get(key)
+    if not isinstance(values, list) or not values:
+        raise WorkflowError(f"{section}.{key} must be a non-empty list (the {wildcard}s to run), got {values!r}")
+    return values
+
+
+def matrix_params(*wildcards):
+    """The matrix lists of `wildcards` as a `params:` entry (the report reads them to know the runs)."""
+    return {MATRIX[w][1]: matrix_values(w) for w in wildcards}
+
+
+def run_params(section):
+    """A section without the matrix lists: a run's settings (adding a seed does not rerun the others)."""
+    matrix_keys = {key for s, key in MATRIX.values() if s == section}
+    return {k: v for k, v in config[section].items() if k not in matrix_keys}
+
+
+def all_runs(pattern):
+    """`pattern` expanded over the run-matrix wildcards it contains."""
+    names = [w for w in MATRIX if f"{{{w}}}" in pattern]
+    return expand(pattern, **{w: matrix_values(w) for w in names})
+
+
+ROUTES = ("sft", "dpo")
+
+
+def routes():
+    """The routes the default target runs: `sft` (Alpha-SFT) and/or `dpo` (warm-start SFT, then DPO)."""
+    chosen = config.get("routes", ["sft"])
+    if not isinstance(chosen, list) or not chosen or set(chosen) - set(ROUTES):
+        raise WorkflowError(f"routes: expected a non-empty list of {list(ROUTES)}, got {chosen!r}")
+    return chosen

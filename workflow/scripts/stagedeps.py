@@ -14,6 +14,14 @@ from pathlib import Path
 
 PACKAGE = "alphatoken"
 
+# Wildcards of the run matrix and the parameter lists they range over. Snakemake expands the
+# wildcard rules over them; dvc.yaml declares the same rules as DVC `matrix:` stages over the same
+# parameters, so `dvc exp run -S 'train.methods=[...]'` changes the runs in both front ends.
+MATRIX = {
+    "method": ("train", "methods"), "seed": ("train", "seeds"),  # SFT route
+    "dpo_method": ("dpo", "methods"), "dpo_seed": ("dpo", "seeds"),  # DPO route
+}
+
 
 def module_file(module: str, root: Path) -> Path | None:
     """`a.b` -> root/a/b.py or root/a/b/__init__.py (None when it is not a source file of the repo)."""

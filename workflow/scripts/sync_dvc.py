@@ -2,15 +2,24 @@
 
     python workflow/scripts/sync_dvc.py            # rewrite dvc.yaml
     python workflow/scripts/sync_dvc.py --check    # exit 1 (with a diff) when dvc.yaml is stale
+    python workflow/scripts/sync_dvc.py --use configs/smoke.yaml
+                                  # merge an overlay into params.yaml (DVC reads only that file),
+                                  # then write dvc.yaml for it (e.g. its `routes`)
 
 Every job of the default DAG (`snakemake --forceall`, default parameters) that runs a shell command
 becomes one DVC stage with
     cmd     the rule's shell command without its log redirection,
     deps    the rule's inputs: upstream outputs and the stage's source files (its import closure
             inside alphatoken/, see stagedeps.py), so a library edit reruns the stages importing it,
-    params  the parameter sections the rule lists in `params:` (each keyword is a section name),
-    outs    the rule's outputs.
-Rules with wildcards become one stage per job, named `rule-<wildcard values>`.
+    params  the parameters the rule lists in `params:`: each keyword names a section; a whole section
+            is listed as `section`, a part of one (a dict of some of its keys) key by key,
+            `section.key`, so DVC and Snakemake rerun on exactly the same values,
+    outs    the rule's outputs (an output named `metrics` is a DVC metrics file, not cached).
+Rules with wildcards (the run matrix, `MATRIX` in stagedeps.py) become one DVC `matrix:` stage over
+the same parameter lists (`${train.methods}`), whose jobs DVC names `rule@<method>-<seed>`; a stage
+reading all jobs of a matrix rule depends on their common parent directory. The report's outputs
+named `metrics`, `table_csv` and `curves` are declared as top-level `metrics:` and `plots:`, for
+`dvc exp show`, `dvc metrics diff` and `dvc plots`.
 """
 
 from __future__ import annotations
@@ -21,6 +30,9 @@ import sys
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stagedeps import MATRIX  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = (
@@ -34,9 +46,8 @@ class RuleDeclarationError(ValueError):
     """A rule that cannot be expressed as a DVC stage; the message names the rule and the fix."""
 
 
-def _stage_name(job) -> str:
-    values = [str(v) for v in job.wildcards_dict.values()]
-    return "-".join([job.rule.name, *values])
+def _sentinel(wildcard: str) -> str:
+    return f"@@{wildcard}@@"
 
 
 def _command(job) -> str:
@@ -54,28 +65,70 @@ def _command(job) -> str:
 
 
 def _params(job, config: dict) -> list[str]:
-    """The parameter sections of a rule: each `params:` keyword must be a section passed whole."""
+    """The parameters of a rule: each `params:` keyword is a section, passed whole or as a dict of
+    some of its keys (listed key by key)."""
     names = list(job.rule.params._names) if hasattr(job.rule.params, "_names") else []
+    listed = []
     for name in names:
         if name not in config:
             raise RuleDeclarationError(
                 f"rule {job.rule.name}: params keyword {name!r} is not a section of params.yaml; "
                 "name each params entry after the section it passes (e.g. fisher=config['fisher'])"
             )
-        if job.params[name] != config[name]:
+        value = job.params[name]
+        if value == config[name]:
+            listed.append(name)
+        elif isinstance(value, dict) and all(k in config[name] and config[name][k] == v for k, v in value.items()):
+            listed += [f"{name}.{key}" for key in sorted(value)]
+        else:
             raise RuleDeclarationError(
-                f"rule {job.rule.name}: params.{name} is not config[{name!r}]; pass whole sections"
+                f"rule {job.rule.name}: params.{name} is neither config[{name!r}] nor a dict of some of its keys"
             )
-    return names
+    return listed
 
 
-def snakemake_stages(root: Path = ROOT) -> dict:
-    """DVC stage declarations of every shell job of the default DAG, from the Snakemake rules."""
+def _matrix(rule, jobs: list, config: dict) -> dict:
+    """The DVC `matrix:` of a wildcard rule, checked against the jobs Snakemake scheduled."""
+    from itertools import product
+
+    names = list(jobs[0].wildcards_dict)
+    unknown = [w for w in names if w not in MATRIX]
+    if unknown:
+        raise RuleDeclarationError(f"rule {rule.name}: wildcards {unknown} are not run-matrix wildcards {sorted(MATRIX)}")
+    lists = [config[MATRIX[w][0]][MATRIX[w][1]] for w in names]
+    expected = {tuple(str(v) for v in combo) for combo in product(*lists)}
+    scheduled = {tuple(str(j.wildcards_dict[w]) for w in names) for j in jobs}
+    if scheduled != expected:
+        raise RuleDeclarationError(f"rule {rule.name}: jobs {sorted(scheduled)} are not the matrix {sorted(expected)}")
+    return {w: "${%s.%s}" % MATRIX[w] for w in names}
+
+
+def _template(text: str, names) -> str:
+    for w in names:
+        text = text.replace(_sentinel(w), "${item.%s}" % w)
+    return text
+
+
+def _matrix_dir(pattern: str, rule_name: str) -> str:
+    """`results/eval/runs/{method}-{seed}` -> `results/eval/runs`: where all jobs of a rule write."""
+    static = pattern.split("{", 1)[0]
+    if "/" not in static or not static.endswith("/"):
+        raise RuleDeclarationError(
+            f"rule {rule_name}: output {pattern!r} must be a directory entry of its own (results/<dir>/<wildcards>) "
+            "so that stages reading all its jobs can depend on the directory")
+    return static.rstrip("/")
+
+
+def snakemake_stages(root: Path = ROOT) -> tuple[dict, dict]:
+    """DVC stage declarations of every shell job of the default DAG, from the Snakemake rules, and
+    the top-level metrics/plots declarations."""
     from snakemake.api import SnakemakeApi
+    from snakemake.jobs import Job
     from snakemake.settings.enums import Quietness
     from snakemake.settings.types import DAGSettings, OutputSettings, ResourceSettings
 
     stages: dict = {}
+    extra: dict = {"metrics": [], "plots": []}
     with SnakemakeApi(OutputSettings(quiet={Quietness.ALL, Quietness.PROGRESS, Quietness.RULES,
                                             Quietness.HOST, Quietness.REASON})) as api:
         workflow_api = api.workflow(resource_settings=ResourceSettings(), snakefile=root / "Snakefile", workdir=root)
@@ -83,30 +136,82 @@ def snakemake_stages(root: Path = ROOT) -> dict:
         workflow = workflow_api._workflow
         workflow._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True, nolock=True)
         workflow._build_dag()
-        for job in workflow.dag.toposorted():
-            for j in sorted(job, key=_stage_name):
-                if not j.rule.shellcmd:
-                    continue  # target rules such as `all`
-                stages[_stage_name(j)] = {
-                    "cmd": _command(j),
-                    "deps": sorted(str(f) for f in j.input),
-                    "params": _params(j, workflow.config),
-                    "outs": [str(f) for f in j.output],
-                }
-    return stages
+        config = workflow.config
+        by_rule: dict = {}
+        for level in workflow.dag.toposorted():
+            for job in sorted(level, key=lambda j: (j.rule.name, sorted(j.wildcards_dict.items()))):
+                if job.rule.shellcmd:  # not target rules such as `all`
+                    by_rule.setdefault(job.rule.name, []).append(job)
+        matrix_dirs: dict = {}  # output file of a matrix job -> the directory of all its jobs
+        for name, jobs in by_rule.items():
+            if jobs[0].wildcards_dict:
+                for j in jobs:
+                    for pattern, out in zip(j.rule.output, j.output):
+                        matrix_dirs[str(out)] = _matrix_dir(str(pattern), name)
+        for name, jobs in by_rule.items():
+            job, stage = jobs[0], {}
+            if job.wildcards_dict:
+                stage["matrix"] = _matrix(job.rule, jobs, config)
+                job = Job(job.rule, workflow.dag, wildcards_dict={w: _sentinel(w) for w in job.wildcards_dict})
+                workflow.dag._jobid[job] = len(workflow.dag._jobid) + 1  # formatting the command needs an id
+            elif len(jobs) > 1:
+                raise RuleDeclarationError(f"rule {name}: several jobs without wildcards")
+            deps = {matrix_dirs.get(str(f), str(f)) for f in job.input}
+            names = list(job.wildcards_dict)
+            outs = []
+            named = {str(job.output[k]): k for k in (job.output._names or {})}
+            for out in job.output:
+                path = _template(str(out), names)
+                if named.get(str(out)) == "metrics":
+                    outs.append({path: {"cache": False}})
+                    extra["metrics"].append(path)
+                else:
+                    outs.append(path)
+                if named.get(str(out)) == "table_csv":
+                    extra["plots"].append({path: {"x": "Overall mean", "y": "method", "template": "bar_horizontal",
+                                                  "title": "Overall (mean over seeds)"}})
+                if named.get(str(out)) == "curves":
+                    extra["plots"].append({path: {"x": "step", "y": ["loss", "kept_fraction"],
+                                                  "title": "Training loss and kept-token ratio per run"}})
+            stage.update({
+                "cmd": _template(_command(job), names),
+                "deps": sorted(_template(d, names) for d in deps),
+                "params": _params(job, config),
+                "outs": outs,
+            })
+            stages[name] = stage
+    return stages, {k: v for k, v in extra.items() if v}
 
 
-def render(stages: dict) -> str:
-    return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=200)
+def _merge(base: dict, over: dict) -> dict:
+    """Snakemake's config layering: nested mappings merge, other values are replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def render(stages: dict, extra: dict) -> str:
+    return HEADER + yaml.safe_dump({"stages": stages, **extra}, sort_keys=False, width=200)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with dvc.yaml instead of writing it")
     parser.add_argument("--root", type=Path, default=ROOT, help="repository root (default: this checkout)")
+    parser.add_argument("--use", type=Path, help="overlay to merge into params.yaml first (rewrites params.yaml)")
     args = parser.parse_args(argv)
+    if args.use:
+        params = args.root / "params.yaml"
+        merged = _merge(yaml.safe_load(params.read_text()), yaml.safe_load(args.use.read_text()) or {})
+        params.write_text(f"# params.yaml with {args.use} merged in (workflow/scripts/sync_dvc.py --use)\n"
+                          + yaml.safe_dump(merged, sort_keys=False, width=200))
     target = args.root / "dvc.yaml"
-    text = render(snakemake_stages(args.root.resolve()))
+    try:
+        text = render(*snakemake_stages(args.root.resolve()))
+    except RuleDeclarationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not args.check:
         target.write_text(text)
         print(f"wrote {target}")

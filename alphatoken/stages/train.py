@@ -1,0 +1,100 @@
+"""Stage train: one token-masked SFT or DPO run (policy `--method`, seed `--seed`) from the reference
+checkpoint, with the cached Fisher for the retention proxy; writes final/ (HF checkpoint),
+metrics.json and dvclive/ into --out, and resumes from its own checkpoints there.
+
+    python -m alphatoken.stages.train --params params.yaml --section train --valuation-section valuation \
+        --objective sft --method alphatoken --seed 0 --model results/model --train-data results/data/train.jsonl \
+        --val-data results/data/val.jsonl --fisher results/fisher.safetensors --out results/train/alphatoken-0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+from alphatoken.blocks import scored_linears
+from alphatoken.data import DataError, read_split
+from alphatoken.fisher import FisherMismatchError, load_fisher
+from alphatoken.models import ModelSpec, load_model
+from alphatoken.policies import PolicyConfig, get_policy
+from alphatoken.stages.common import (
+    ParamsError, fail, gpus_requested, init_distributed, log_run_environment, read_section, relaunch_under_torchrun,
+    split_section, stage_parser, to_config,
+)
+from alphatoken.train import TrainConfig, train_dpo, train_sft
+from alphatoken.valuation import ValuationConfig
+
+MATRIX_KEYS = ("methods", "seeds")  # which runs exist: the rule's wildcards, not settings of one run
+OWN_KEYS = ("dtype", "attn_implementation", "val_examples")  # how the stage loads the model and data
+POLICY_KEYS = tuple(f.name for f in dataclasses.fields(PolicyConfig) if f.name != "name")  # train.rho etc.
+
+
+def read_train_config(params: list, section_name: str, valuation_section: str, method: str, seed: int,
+                      out: str) -> tuple[dict, TrainConfig]:
+    """(the stage's own settings, the TrainConfig) of one run from the parameter files; ParamsError
+    names file, line and field of a bad value."""
+    section = read_section(params, section_name)
+    _, section = split_section(section, MATRIX_KEYS)
+    own, rest = split_section(section, OWN_KEYS)
+    policy_values, rest = split_section(rest, POLICY_KEYS)
+    policy = to_config(dataclasses.replace(section, values=policy_values), PolicyConfig, name=method)
+    valuation = to_config(read_section(params, valuation_section), ValuationConfig)
+    return own, to_config(rest, TrainConfig, output_dir=out, seed=seed, policy=policy, valuation=valuation)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--valuation-section", required=True, help="section of the token valuation settings")
+    parser.add_argument("--objective", choices=("sft", "dpo"), required=True)
+    for flag in ("--method", "--model", "--train-data", "--val-data", "--out"):
+        parser.add_argument(flag, required=True)
+    parser.add_argument("--fisher", help="cached Fisher of --model (needed by the policies that score tokens)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rule", default="train", help="the rule whose `resources` (threads, gpu) apply")
+    args = parser.parse_args(argv)
+    try:
+        own, config = read_train_config(args.params, args.section, args.valuation_section, args.method, args.seed, args.out)
+    except ParamsError as err:
+        fail(str(err))
+    valuation = config.valuation
+    gpus = gpus_requested(args.params, args.rule)
+    if gpus > 1 and "LOCAL_RANK" not in os.environ:
+        relaunch_under_torchrun("alphatoken.stages.train", sys.argv[1:] if argv is None else argv, gpus)
+    rank, world, device = init_distributed()
+    log_run_environment(args.rule, device, args.params)
+    model, tokenizer = load_model(ModelSpec(source="hub", name_or_path=args.model, dtype=own.get("dtype", "float32"),
+                                            attn_implementation=own.get("attn_implementation", "eager")), device)
+    fisher = None
+    if args.fisher:
+        try:
+            fisher = {k: v.to(device) for k, v in load_fisher(args.fisher, model).items()}
+        except (FisherMismatchError, FileNotFoundError) as err:
+            fail(f"{err} (the Fisher must be computed on --model in the same dtype: set fisher.dtype = "
+                 f"{args.section}.dtype, then rerun the fisher rule)")
+        missing = [name for name in scored_linears(model, valuation.last_k) if name not in fisher]
+        if missing:
+            fail(f"{args.valuation_section}.last_k={valuation.last_k} scores weights the Fisher lacks ({missing[0]}, ...): "
+                 "raise fisher.last_k to at least valuation.last_k and rerun the fisher rule")
+    elif get_policy(args.method).needs_scores:
+        fail(f"policy {args.method!r} scores tokens with the retention proxy: pass --fisher (the rule's Fisher input)")
+    try:
+        train, val = read_split(args.train_data), read_split(args.val_data)
+    except (DataError, FileNotFoundError) as err:
+        fail(f"{err} (rerun prepare_data)")
+    val = val[: own["val_examples"]] if own.get("val_examples") else val
+    run = train_dpo if args.objective == "dpo" else train_sft
+    try:
+        # reference=None: the proxy's W_ref are the weights at step 0, i.e. --model, which load_fisher
+        # has just checked is the model the Fisher was computed on
+        result = run(model, tokenizer, train, val, config, fisher=fisher, out_dir=args.out)
+    except ValueError as err:
+        fail(f"{err} (check {args.section}.micro_batch_size / grad_accum_steps / max_length)")
+    if result.preempted:
+        fail(f"preempted after {result.steps} steps; a checkpoint is in {args.out}: rerun the rule to resume")
+    if rank == 0:
+        print(f"[train] {args.objective}:{args.method} seed {args.seed}: {result.metrics} -> {result.final_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""End-to-end checks of alphatoken.eval.suite on tiny checkpoints saved to disk (offline, byte tokenizer)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alphatoken.blocks import scored_linears
+from alphatoken.data import ChatExample
+from alphatoken.eval.drift import kl_to_reference
+from alphatoken.eval.report import GENERAL_AVG, OVERALL, TARGET
+from alphatoken.eval.suite import (HE_DISAGREEMENTS, HE_HUMAN_EVAL, KL, KL_SKIPPED, EvalConfig,
+                                   evaluate_checkpoint, score_heatmap)
+from alphatoken.fisher import FisherConfig, save_fisher
+from alphatoken.models import build_tiny_model, byte_tokenizer, save_pretrained
+from alphatoken.valuation import ValuationConfig
+
+QUICK = dict(limit=2, n_per_task=4, humaneval_limit=1, max_new_tokens=4, kl_prompts=2, kl_max_new_tokens=3,
+             dtype="float64", tasks=("alphatoken_wordnet",))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    tokenizer = byte_tokenizer()
+    reference = build_tiny_model("llama", dtype=torch.float64, attn_implementation="eager", seed=0)
+    model = build_tiny_model("llama", dtype=torch.float64, attn_implementation="eager", seed=0)
+    with torch.no_grad():  # a "fine-tuned" model: the reference with perturbed scored weights
+        gen = torch.Generator().manual_seed(1)
+        for linear in scored_linears(model, 2).values():
+            linear.weight.add_(0.05 * torch.randn(linear.weight.shape, generator=gen, dtype=torch.float64))
+    return save_pretrained(model, tokenizer, root / "model"), save_pretrained(reference, tokenizer, root / "ref")
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="EvalConfig.suite"):
+        EvalConfig(suite="cluster")
+    with pytest.raises(ValueError, match="EvalConfig.tasks"):
+        EvalConfig(tasks=("gsm8k",))  # a paper task in the offline suite
+    with pytest.raises(ValueError, match="EvalConfig.limit"):
+        EvalConfig(limit=0)
+    with pytest.raises(ValueError, match="EvalConfig.timeout_s"):
+        EvalConfig(timeout_s=float("nan"))
+    assert EvalConfig(suite="paper", tasks=["gsm8k"]).tasks == ("gsm8k",)
+
+
+def test_evaluate_checkpoint_end_to_end(checkpoints, tmp_path):
+    model_dir, ref_dir = checkpoints
+    prompts = ["Say hi.", "Add 2 and 3.", "unused third prompt"]
+    metrics = evaluate_checkpoint(model_dir, tmp_path / "run", EvalConfig(**QUICK), reference_dir=ref_dir,
+                                  kl_prompts=prompts)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == pytest.approx(metrics)
+    for name in ("alphatoken_wordnet", GENERAL_AVG, TARGET, OVERALL, HE_HUMAN_EVAL, HE_DISAGREEMENTS, KL):
+        assert isinstance(metrics[name], float), name
+    assert metrics[GENERAL_AVG] == metrics["alphatoken_wordnet"]
+    assert metrics[OVERALL] == pytest.approx((metrics[GENERAL_AVG] + metrics[TARGET]) / 2)
+    assert metrics[KL_SKIPPED] == 0.0
+    # the KL equals a direct recomputation on the first kl_prompts prompts with the loaded models
+    from alphatoken.models import ModelSpec, load_model
+    model, tok = load_model(ModelSpec(source="hub", name_or_path=str(model_dir), dtype="float64"), "cpu")
+    ref, _ = load_model(ModelSpec(source="hub", name_or_path=str(ref_dir), dtype="float64"), "cpu")
+    assert metrics[KL] == pytest.approx(kl_to_reference(model, ref, tok, prompts[:2], 3), abs=1e-9)
+    assert metrics[KL] > 0
+    cross = json.loads((tmp_path / "run" / "humaneval" / "cross_check.json").read_text())
+    assert metrics[HE_DISAGREEMENTS] == len(cross["disagreements"])
+    assert (tmp_path / "run" / "retention.json").exists()
+    assert (tmp_path / "run" / "humaneval" / "samples.jsonl").exists()
+
+
+def test_evaluate_without_reference_records_the_skip(checkpoints, tmp_path, monkeypatch):
+    """KL bookkeeping only: retention and HumanEval (covered end to end above) are replaced by cheap stand-ins."""
+    import alphatoken.eval.suite as suite
+
+    def fake_humaneval(model, tokenizer, out_dir, config, cross_check):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return {"pass@1": 20.0, "n": 1, "results": []}
+
+    monkeypatch.setattr(suite, "run_retention", lambda *a, **k: {"alphatoken_wordnet": 40.0})
+    monkeypatch.setattr(suite, "run_humaneval", fake_humaneval)
+    model_dir, _ = checkpoints
+    cfg = EvalConfig(**{**QUICK, "cross_check": False})
+    metrics = evaluate_checkpoint(model_dir, tmp_path / "run", cfg, reference_dir=None, kl_prompts=["x"])
+    assert metrics[KL_SKIPPED] == 1.0 and KL not in metrics and HE_HUMAN_EVAL not in metrics
+    assert metrics[OVERALL] == 30.0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())[KL_SKIPPED] == 1.0
+
+
+def _chat(i: int, prompt: str, answer: str) -> ChatExample:
+    return ChatExample(id=f"ex{i}", messages=[{"role": "user", "content": prompt},
+                                             {"role": "assistant", "content": answer}], source="test")
+
+
+def test_score_heatmap_matches_direct_valuer(checkpoints, tmp_path):
+    from alphatoken.data import collate, encode_chat
+    from alphatoken.models import ModelSpec, load_model
+    from alphatoken.valuation import TokenValuer
+
+    model_dir, ref_dir = checkpoints
+    ref, tok = load_model(ModelSpec(source="hub", name_or_path=str(ref_dir), dtype="float64",
+                                    attn_implementation="eager"), "cpu")
+    fcfg = FisherConfig(last_k=2, max_new_tokens=3)
+    fisher = {name: torch.rand(lin.weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+              for name, lin in scored_linears(ref, 2).items()}
+    fisher_path = save_fisher(tmp_path / "fisher.safetensors", fisher, ref, fcfg, num_prompts=1)
+    val = [_chat(0, "Write 1.", "1"), _chat(1, "Write ab.", "ab")]
+    train = [_chat(2, "Hi?", "hello"), _chat(3, "x" * 400, "too long"), _chat(4, "Q", "yes no"), _chat(5, "R", "z")]
+    cfg = ValuationConfig(last_k=2, window=4, lam=1.5)
+    page = score_heatmap(model_dir, fisher_path, ref_dir, val, train, cfg, tmp_path / "h.html", max_length=64, n=2,
+                         dtype="float64")
+    html = page.read_text()
+    assert "ex2" in html and "ex4" in html and "ex5" not in html and "1 overlong examples skipped" in html
+    for component in ("tgt_dir", "tgt_cau", "prx_dir", "prx_cau", "total"):
+        assert f">{component}<" in html
+    # the total of the first response token equals a direct TokenValuer computation
+    model, _ = load_model(ModelSpec(source="hub", name_or_path=str(model_dir), dtype="float64",
+                                    attn_implementation="eager"), "cpu")
+    ref_params = dict(ref.named_parameters())
+    valuer = TokenValuer(model, cfg, fisher=fisher, reference={n: ref_params[n].detach() for n in fisher})
+    valuer.set_validation(collate([encode_chat(e, tok, 64) for e in val], tok.pad_token_id))
+    batch = collate([encode_chat(e, tok, 64) for e in (train[0], train[2])], tok.pad_token_id)
+    scores = valuer.score(batch)
+    first = int((batch["labels"][0] != -100).nonzero()[0])
+    expected = float(scores.total[0, first])
+    assert expected != 0.0
+    assert f'title="total={expected:.4g}"' in html

@@ -1,0 +1,197 @@
+# The DPO route (params.yaml `routes: [..., dpo]`): warm-start SFT on the target corpus (policy
+# `full`), the Fisher of the warm-started model (the DPO reference), then one token-masked DPO run
+# per dpo.methods x dpo.seeds from it, evaluated against it, and their report. The DPO reference
+# log-probabilities are computed by each run from the warm-start before its first update and cached
+# in its output directory (`reference_losses.pt`).
+
+
+rule prepare_preference:
+    input:
+        code=stage_code("prepare_data"),
+        corpus=rules.build_corpus.output.preference,
+    output:
+        train="results/dpo/data/train.jsonl",
+        val="results/dpo/data/val.jsonl",
+        fisher="results/dpo/data/fisher.jsonl",
+        manifest="results/dpo/data/manifest.json",
+    params:
+        preference_data=config["preference_data"],
+    log:
+        "logs/prepare_preference.log",
+    benchmark:
+        "benchmarks/prepare_preference.tsv"
+    threads: rule_threads("prepare_preference")
+    resources:
+        **rule_resources("prepare_preference"),
+    conda:
+        ENV
+    shell:
+        stage("prepare_data", "preference_data", "--kind preference --corpus {input.corpus} --out results/dpo/data")
+
+
+rule warmstart_sft:
+    input:
+        code=stage_code("train"),
+        model=rules.prepare_model.output.model,
+        train=rules.prepare_data.output.train,
+        val=rules.prepare_data.output.val,
+    output:
+        run=directory("results/dpo/warmstart"),
+    params:
+        warmstart=config["warmstart"],
+        valuation=config["valuation"],
+    log:
+        "logs/warmstart_sft.log",
+    benchmark:
+        "benchmarks/warmstart_sft.tsv"
+    threads: rule_threads("warmstart_sft")
+    resources:
+        **rule_resources("warmstart_sft"),
+    conda:
+        ENV
+    shell:
+        stage(
+            "train",
+            "warmstart",
+            "--valuation-section valuation --objective sft --method full --rule warmstart_sft --model {input.model} "
+            "--train-data {input.train} --val-data {input.val} --out {output.run}",
+        )
+
+
+rule fisher_dpo:
+    input:
+        code=stage_code("fisher"),
+        run=rules.warmstart_sft.output.run,
+        prompts=rules.prepare_data.output.fisher,
+    output:
+        fisher="results/dpo/fisher.safetensors",
+        summary="results/dpo/fisher.json",
+    params:
+        fisher=config["fisher"],
+    log:
+        "logs/fisher_dpo.log",
+    benchmark:
+        "benchmarks/fisher_dpo.tsv"
+    threads: rule_threads("fisher_dpo")
+    resources:
+        **rule_resources("fisher_dpo"),
+    conda:
+        ENV
+    shell:
+        stage(
+            "fisher",
+            "fisher",
+            "--model {input.run}/final --prompts {input.prompts} --out {output.fisher} --summary {output.summary}",
+        )
+
+
+rule train_dpo:
+    input:
+        code=stage_code("train"),
+        run=rules.warmstart_sft.output.run,
+        train=rules.prepare_preference.output.train,
+        val=rules.prepare_preference.output.val,
+        fisher=rules.fisher_dpo.output.fisher,
+    output:
+        run=directory("results/dpo/train/{dpo_method}-{dpo_seed}"),
+    params:
+        dpo=run_params("dpo"),
+        valuation=config["valuation"],
+    log:
+        "logs/train_dpo/{dpo_method}-{dpo_seed}.log",
+    benchmark:
+        "benchmarks/train_dpo/{dpo_method}-{dpo_seed}.tsv"
+    threads: rule_threads("train_dpo")
+    resources:
+        **rule_resources("train_dpo"),
+    conda:
+        ENV
+    shell:
+        stage(
+            "train",
+            "dpo",
+            "--valuation-section valuation --objective dpo --rule train_dpo --method {wildcards.dpo_method} "
+            "--seed {wildcards.dpo_seed} "
+            "--model {input.run}/final --train-data {input.train} --val-data {input.val} --fisher {input.fisher} "
+            "--out {output.run}",
+        )
+
+
+rule evaluate_warmstart:
+    input:
+        code=stage_code("evaluate"),
+        run=rules.warmstart_sft.output.run,
+    output:
+        eval=directory("results/dpo/eval/base"),
+    params:
+        eval=config["eval"],
+    log:
+        "logs/evaluate_warmstart.log",
+    benchmark:
+        "benchmarks/evaluate_warmstart.tsv"
+    threads: rule_threads("evaluate_warmstart")
+    resources:
+        **rule_resources("evaluate_warmstart"),
+    conda:
+        ENV
+    shell:
+        stage("evaluate", "eval", "--model {input.run}/final --out {output.eval}")
+
+
+rule evaluate_dpo:
+    input:
+        code=stage_code("evaluate"),
+        run=rules.train_dpo.output.run,
+        reference=rules.warmstart_sft.output.run,
+        prompts=rules.prepare_data.output.val,
+    output:
+        eval=directory("results/dpo/eval/runs/{dpo_method}-{dpo_seed}"),
+    params:
+        eval=config["eval"],
+    log:
+        "logs/evaluate_dpo/{dpo_method}-{dpo_seed}.log",
+    benchmark:
+        "benchmarks/evaluate_dpo/{dpo_method}-{dpo_seed}.tsv"
+    threads: rule_threads("evaluate_dpo")
+    resources:
+        **rule_resources("evaluate_dpo"),
+    conda:
+        ENV
+    shell:
+        stage(
+            "evaluate",
+            "eval",
+            "--model {input.run}/final --reference {input.reference}/final --prompts {input.prompts} --out {output.eval}",
+        )
+
+
+rule report_dpo:
+    input:
+        code=stage_code("report"),
+        base=rules.evaluate_warmstart.output.eval,
+        evals=all_runs(rules.evaluate_dpo.output.eval),
+        runs=all_runs(rules.train_dpo.output.run),
+    output:
+        table="results/dpo/report/table.md",
+        table_csv="results/dpo/report/table.csv",
+        metrics="results/dpo/report/metrics.json",
+        curves=directory("results/dpo/report/curves"),
+    params:
+        report=config["report"],
+        dpo=matrix_params("dpo_method", "dpo_seed"),
+    log:
+        "logs/report_dpo.log",
+    benchmark:
+        "benchmarks/report_dpo.tsv"
+    threads: rule_threads("report_dpo")
+    resources:
+        **rule_resources("report_dpo"),
+    conda:
+        ENV
+    shell:
+        stage(
+            "report",
+            "report",
+            "--runs-section dpo --base {input.base} --evals results/dpo/eval/runs --train results/dpo/train "
+            "--out results/dpo/report --base-name warmstart",
+        )

@@ -1,0 +1,34 @@
+# One token-masked fine-tuning run per method x seed (params.yaml `train.methods`, `train.seeds`),
+# all from the reference model, with the cached Fisher for the retention proxy (a GPU rule; with
+# `resources.train.gpu > 1` the stage runs torchrun inside its one job).
+
+
+rule train:
+    input:
+        code=stage_code("train"),
+        model=rules.prepare_model.output.model,
+        train=rules.prepare_data.output.train,
+        val=rules.prepare_data.output.val,
+        fisher=rules.fisher.output.fisher,
+    output:
+        run=directory("results/train/{method}-{seed}"),
+    params:
+        train=run_params("train"),
+        valuation=config["valuation"],
+    log:
+        "logs/train/{method}-{seed}.log",
+    benchmark:
+        "benchmarks/train/{method}-{seed}.tsv"
+    threads: rule_threads("train")
+    resources:
+        **rule_resources("train"),
+    conda:
+        ENV
+    shell:
+        stage(
+            "train",
+            "train",
+            "--valuation-section valuation --objective sft --method {wildcards.method} --seed {wildcards.seed} "
+            "--model {input.model} --train-data {input.train} --val-data {input.val} --fisher {input.fisher} "
+            "--out {output.run}",
+        )
