@@ -358,3 +358,68 @@ def test_scoring_micro_batches_leaves_accumulated_grad_exact():
     s.model.zero_grad(set_to_none=True)
     for name, grad in plain.items():
         assert torch.equal(with_scoring[name], grad), f"{name}: .grad changed by scoring"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_valuation_attention_runs_a_whole_model(arch):
+    """The valuation's attention is registered with a matching mask entry, so a whole model can run on
+    it: outside a re-run it is plain attention (same logits as sdpa on every non-padding position,
+    left and right padding), and scoring such a model gives the same values as scoring the sdpa model."""
+    from alphatoken.valuation.attention import ATTENTION_NAME
+
+    setup = Setup(arch)
+    model = build_tiny_model(arch, dtype=torch.float64, attn_implementation="sdpa")
+    model.load_state_dict(setup.model.state_dict())
+    TokenValuer(model, ValuationConfig(last_k=LAST_K))  # registers the implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    assert model.config._attn_implementation == ATTENTION_NAME
+    batch = setup.batch
+    with torch.no_grad():
+        ours = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        sdpa = setup.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    assert rel_err(ours[real], sdpa[real]) <= 1e-12
+    valuer = TokenValuer(model, ValuationConfig(last_k=LAST_K, window=WINDOW, lam=LAM), fisher=setup.fisher, reference=setup.reference)
+    valuer.set_validation(setup.val_batch)
+    scores = valuer.score(batch)
+    expected = setup.valuer(window=WINDOW).score(batch)
+    for c in COMPONENTS:
+        assert rel_err(getattr(scores, c), getattr(expected, c)) <= 1e-10, c
+    assert model.config._attn_implementation == ATTENTION_NAME
+
+
+TOTAL_ONLY_CASES = [
+    {},
+    {"use_tgt_cau": False},
+    {"use_prx_dir": False},
+    {"use_tgt_dir": False, "use_prx_dir": False},
+    {"use_tgt_cau": False, "use_prx_cau": False},
+    {"use_prx_dir": False, "use_prx_cau": False, "lam": 0.0},
+    {"use_tgt_dir": False, "use_tgt_cau": False},
+    {"lam": 0.25, "signal": "total"},
+]
+
+
+@pytest.mark.parametrize("form", ["contract", "ghost"])
+@pytest.mark.parametrize("case", range(len(TOTAL_ONLY_CASES)))
+def test_total_only_equals_sum_of_components(setup, form, case):
+    """`components=False` (one contraction with the combined direction) gives the same total as the
+    four components computed apart, for every switch pattern, both target forms, with a DPO-style
+    per-example scale; it leaves the components None."""
+    valuer = setup.valuer(target_form=form, **TOTAL_ONLY_CASES[case])
+    scale = torch.tensor([0.5, -2.0, 1.0], dtype=torch.float64)
+    full = valuer.score(setup.batch, example_scale=scale)
+    fast = valuer.score(setup.batch, example_scale=scale, components=False)
+    assert full.total.abs().max() > 0
+    assert rel_err(fast.total, full.total) <= 1e-12
+    assert fast.tgt_dir is None and fast.prx_cau is None
+
+
+def test_total_only_without_proxy(setup):
+    """Without Fisher/reference the proxy is absent: the fast total is the target total."""
+    cfg = ValuationConfig(last_k=LAST_K, window=WINDOW, lam=LAM)
+    valuer = TokenValuer(setup.model, cfg)
+    valuer.set_validation(setup.val_batch)
+    full = valuer.score(setup.batch)
+    assert rel_err(valuer.score(setup.batch, components=False).total, full.total) <= 1e-12
+    assert rel_err(full.total, full.tgt_dir + full.tgt_cau) <= 1e-12

@@ -22,6 +22,7 @@ ATTENTION_NAME = "alphatoken_valuation"
 class AttentionRecord:
     stop_cross_position_grad: bool  # forward-identical attention with gradient kept on the own position only
     probs: dict = field(default_factory=dict)  # id(attention module) -> (B, H, T, T) probabilities, detached
+    keep: bool = True  # record the probabilities (False: plain eager attention outside a re-run)
 
 
 _ACTIVE: contextvars.ContextVar[AttentionRecord | None] = contextvars.ContextVar("alphatoken_attention", default=None)
@@ -45,9 +46,7 @@ def capturing_attention(module, query, key, value, attention_mask, scaling=None,
     """Same signature and result as transformers' `eager_attention_forward`:
     softmax(q k^T * scaling (softcapped) + mask) v, with grouped-query heads; dropout is not applied
     (valuation is deterministic). query (B, H, Tq, hd), key/value (B, Hkv, Tk, hd)."""
-    record = _ACTIVE.get()
-    if record is None:
-        raise RuntimeError(f"attention implementation {ATTENTION_NAME!r} is only usable inside a valuation re-run")
+    record = _ACTIVE.get() or AttentionRecord(stop_cross_position_grad=False, keep=False)
     n_rep = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(n_rep, dim=1)  # (B, H, Tk, hd), kv head g serves heads g*n_rep .. g*n_rep+n_rep-1
     value = value.repeat_interleave(n_rep, dim=1)  # (B, H, Tk, hd)
@@ -75,14 +74,17 @@ def capturing_attention(module, query, key, value, attention_mask, scaling=None,
         out = probs @ value_d + own_prob * (value - value_d)  # (B, H, T, hd), value-identical to probs @ value
     else:
         out = probs @ value  # (B, H, Tq, hd)
-    record.probs.setdefault(id(module), probs.detach())
+    if record.keep:
+        record.probs.setdefault(id(module), probs.detach())
     return out.transpose(1, 2).contiguous(), probs
 
 
 def register_attention() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     AttentionInterface.register(ATTENTION_NAME, capturing_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
 
 
 class active_record:

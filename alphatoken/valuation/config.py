@@ -38,10 +38,11 @@ class ValuationConfig:
 @dataclass(frozen=True)
 class TokenScores:
     """Per-token values aligned with `labels`: `x[b, t]` values label token t (computed at loss position
-    t - 1) and is 0 wherever `labels == -100`. Switched-off components are zeros."""
+    t - 1) and is 0 wherever `labels == -100`. Switched-off components are zeros; all four components
+    are None when only the total was asked for (`score(..., components=False)`)."""
 
-    tgt_dir: torch.Tensor  # (B, T) direct alignment with the target gradient G
-    tgt_cau: torch.Tensor  # (B, T) value-path alignment with G
-    prx_dir: torch.Tensor  # (B, T) direct alignment with the proxy P = F * (W - W_ref)
-    prx_cau: torch.Tensor  # (B, T) value-path alignment with P
+    tgt_dir: torch.Tensor | None  # (B, T) direct alignment with the target gradient G
+    tgt_cau: torch.Tensor | None  # (B, T) value-path alignment with G
+    prx_dir: torch.Tensor | None  # (B, T) direct alignment with the proxy P = F * (W - W_ref)
+    prx_cau: torch.Tensor | None  # (B, T) value-path alignment with P
     total: torch.Tensor  # (B, T) tgt_dir + tgt_cau + lam * (prx_dir + prx_cau)

@@ -173,8 +173,10 @@ class TokenValuer:
         self.refresh_proxy()
 
     # ---------------------------------------------------------------- scoring
-    def score(self, batch: dict, example_scale: torch.Tensor | None = None) -> TokenScores:
-        """Values of the label tokens of `batch` (runs its own forward; the model's graph is not kept)."""
+    def score(self, batch: dict, example_scale: torch.Tensor | None = None, components: bool = True) -> TokenScores:
+        """Values of the label tokens of `batch` (runs its own forward; the model's graph is not kept).
+        `components=False` computes only `total` (the four components are then None), contracting
+        each weight once with the combined direction G + lam P instead of once with each."""
         labels = _batch_field(batch, "labels")
         with BlockCapture(self.blocks, cut_last=True) as capture, torch.enable_grad():
             out = self.model(
@@ -183,7 +185,7 @@ class TokenValuer:
                 use_cache=False,
             )
             token_loss = token_nll(out.logits, labels, self.compute_dtype)  # (B, T-1)
-        return self._score_records(capture.records, token_loss, batch, example_scale, retain_graph=False)
+        return self._score_records(capture.records, token_loss, batch, example_scale, retain_graph=False, components=components)
 
     @contextmanager
     def capture(self):
@@ -196,15 +198,17 @@ class TokenValuer:
         finally:
             self._captured = capture.records
 
-    def score_captured(self, batch: dict, token_loss: torch.Tensor, example_scale: torch.Tensor | None = None) -> TokenScores:
+    def score_captured(self, batch: dict, token_loss: torch.Tensor, example_scale: torch.Tensor | None = None,
+                       components: bool = True) -> TokenScores:
         """Values for the forward observed by the last `capture()`. token_loss (B, T-1): per-position NLL
-        of that forward (graph kept, 0 where ignored). The graph is retained for the caller's backward."""
+        of that forward (graph kept, 0 where ignored). The graph is retained for the caller's backward.
+        `components` as in `score`."""
         records, self._captured = self._captured, None
         if records is None:
             raise RuntimeError("score_captured needs a forward run inside `with valuer.capture():`")
-        return self._score_records(records, token_loss, batch, example_scale, retain_graph=True)
+        return self._score_records(records, token_loss, batch, example_scale, retain_graph=True, components=components)
 
-    def _score_records(self, records, token_loss, batch, example_scale, retain_graph: bool) -> TokenScores:
+    def _score_records(self, records, token_loss, batch, example_scale, retain_graph: bool, components: bool) -> TokenScores:
         if len(records) != 1 or records[0].last_output is None:
             raise RuntimeError(f"expected exactly one model forward through the scored blocks, saw {len(records)}")
         record = records[0]
@@ -219,6 +223,8 @@ class TokenValuer:
         signals = rerun_scored_blocks(
             self.blocks, self.linears, record, cotangent, self.config.signal == "self", self.compute_dtype
         )
+        if not components:
+            return self._total_only(signals, labels, example_scale)
         return self._scores(signals, labels, example_scale)
 
     def signals(self, batch: dict) -> Signals:
@@ -260,6 +266,60 @@ class TokenValuer:
         comp = {k: align_with_labels(v, labels) for k, v in comp.items()}
         total = comp["tgt_dir"] + comp["tgt_cau"] + cfg.lam * (comp["prx_dir"] + comp["prx_cau"])
         return TokenScores(total=total, **comp)
+
+    def _total_only(self, sig: Signals, labels: torch.Tensor, example_scale: torch.Tensor | None) -> TokenScores:
+        """`total` alone. The total is linear in the direction: for each weight, the direct terms of all
+        enabled components are e_p^T D_dir x_p with D_dir = a G + b lam P (a, b = 1 for an enabled
+        component, else 0), and the value-path terms use D_cau likewise, so one contraction
+        y_p = D x_p serves all of them (two for a value projection whose direct and causal switches
+        differ). Ghost-form target directions are not materialised; their terms are added separately."""
+        cfg = self.config
+        B, T = labels.shape
+        need_target = cfg.use_tgt_dir or cfg.use_tgt_cau
+        if need_target and self._target is None:
+            raise RuntimeError("call set_validation(val_batch) before scoring (target components are on)")
+        a_dir, a_cau = float(cfg.use_tgt_dir), float(cfg.use_tgt_cau)
+        b_dir = cfg.lam * float(cfg.use_prx_dir) if self._proxy is not None else 0.0
+        b_cau = cfg.lam * float(cfg.use_prx_cau) if self._proxy is not None else 0.0
+        total = torch.zeros(B, T, dtype=self.compute_dtype, device=labels.device)  # (B, T) per loss position
+
+        def combined(name: str, a: float, b: float, target: TargetDirection | None) -> torch.Tensor | None:
+            parts = []
+            if a and target is not None and target.form == "contract":
+                parts.append(a * target.matrix)
+            if b:
+                parts.append(b * self._proxy[name])
+            return sum(parts[1:], parts[0]) if parts else None  # (d_out, d_in)
+
+        for name in self.linears:
+            x, e = sig.x[name], sig.e[name]  # (B, T, d_in), (B, T, d_out)
+            block_idx = self.value_weight.get(name)
+            causal = block_idx is not None and (a_cau or b_cau)
+            target = self._target[name] if need_target else None
+            ghost = target is not None and target.form == "ghost"
+            d_dir = combined(name, a_dir, b_dir, target)
+            y_dir = contract_direction(x, d_dir) if d_dir is not None else None  # (B, T, d_out)
+            if y_dir is not None:
+                total += direct_score(y_dir, e)
+            y_ghost = ghost_direction(x, target.val_x, target.val_e) if ghost and causal and a_cau else None
+            if ghost and a_dir:
+                total += a_dir * (direct_score(y_ghost, e) if y_ghost is not None else ghost_direct(x, e, target.val_x, target.val_e))
+            if causal:
+                if (a_cau, b_cau) == (a_dir, b_dir):
+                    y_cau = y_dir
+                else:
+                    d_cau = combined(name, a_cau, b_cau, target)
+                    y_cau = contract_direction(x, d_cau) if d_cau is not None else None
+                if y_ghost is not None:
+                    y_cau = a_cau * y_ghost if y_cau is None else y_cau + a_cau * y_ghost
+                if y_cau is not None:
+                    total += self._causal(sig, block_idx, y_cau)
+        if example_scale is not None:
+            scale = torch.as_tensor(example_scale, device=labels.device).to(self.compute_dtype)
+            if tuple(scale.shape) != (B,):
+                raise ValueError(f"example_scale has shape {tuple(scale.shape)}, expected ({B},)")
+            total = total * scale[:, None]
+        return TokenScores(total=align_with_labels(total, labels), tgt_dir=None, tgt_cau=None, prx_dir=None, prx_cau=None)
 
     def _add_target(self, comp, name, x, e, block_idx, sig) -> None:
         cfg = self.config
