@@ -99,7 +99,7 @@ def _strip_docstring(source_lines: list, node, first_line: int):
 
 
 def _function_example(node, lines: list, module: str, cls: str | None, min_doc_chars: int,
-                      max_code_chars: int):
+                      max_code_chars: int, max_doc_chars: int = 0):
     """(ChatExample, "") or (None, skip reason) for one def."""
     doc = ast.get_docstring(node, clean=True)
     if node.decorator_list:
@@ -108,6 +108,8 @@ def _function_example(node, lines: list, module: str, cls: str | None, min_doc_c
         return None, "no_docstring"
     if len(doc) < min_doc_chars:
         return None, "short_docstring"
+    if max_doc_chars and len(doc) > max_doc_chars:
+        return None, "long_docstring"
     source_lines = lines[node.lineno - 1: node.end_lineno]
     body, reason = _strip_docstring(source_lines, node, node.lineno)
     if body is None:
@@ -142,11 +144,13 @@ def _excluded(name: str) -> str | None:
 
 def build_stdlib_corpus(stdlib_dir: str | None = None, min_doc_chars: int = 40, max_code_chars: int = 4000,
                         include_methods: bool = False, include_private: bool = False,
-                        max_drop_examples: int = 5) -> CorpusResult:
+                        max_drop_examples: int = 5, max_doc_chars: int = 0) -> CorpusResult:
     """Instruction -> code examples from the standard library's functions with docstrings.
 
     stdlib_dir: sources to read (default: `sysconfig.get_paths()["stdlib"]` of this interpreter).
     min_doc_chars: docstrings shorter than this (after `inspect.cleandoc`) are skipped.
+    max_doc_chars: docstrings longer than this are skipped (0 = no limit): the docstring is the prompt,
+        so this bounds the prompt length (e.g. for a model with few positions).
     max_code_chars: functions longer than this (without their docstring) are skipped.
     include_methods: also take methods of top-level classes.
     include_private: also take names starting with "_" (dunder methods are never taken).
@@ -207,7 +211,7 @@ def build_stdlib_corpus(stdlib_dir: str | None = None, min_doc_chars: int = 40, 
                 skipped.add("redefined_name", loc)
                 continue
             seen.add((module, qualname))
-            example, reason = _function_example(node, lines, module, cls, min_doc_chars, max_code_chars)
+            example, reason = _function_example(node, lines, module, cls, min_doc_chars, max_code_chars, max_doc_chars)
             if example is None:
                 skipped.add(reason, loc)
             else:
@@ -405,7 +409,7 @@ def _write_jsonl(path: Path, records: list) -> str:
 
 def write_corpus(out_dir, seed: int = 0, stdlib_dir: str | None = None, min_doc_chars: int = 40,
                  max_code_chars: int = 4000, include_methods: bool = False, ngram: int = 13,
-                 max_pairs: int = 0, problems=None) -> dict:
+                 max_pairs: int = 0, problems=None, max_doc_chars: int = 0) -> dict:
     """Build, decontaminate and write the stdlib corpus.
 
     Writes `sft.jsonl` (chat records), `preference.jsonl` (pairs built from the decontaminated
@@ -415,7 +419,7 @@ def write_corpus(out_dir, seed: int = 0, stdlib_dir: str | None = None, min_doc_
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    built = build_stdlib_corpus(stdlib_dir, min_doc_chars, max_code_chars, include_methods)
+    built = build_stdlib_corpus(stdlib_dir, min_doc_chars, max_code_chars, include_methods, max_doc_chars=max_doc_chars)
     kept, decon = decontaminate(built.examples, problems if problems is not None else load_humaneval(), ngram)
     pairs, prefs = build_preference_set(kept, seed, max_pairs)
     paths = {"sft": out / "sft.jsonl", "preference": out / "preference.jsonl", "manifest": out / "manifest.json"}
@@ -424,7 +428,7 @@ def write_corpus(out_dir, seed: int = 0, stdlib_dir: str | None = None, min_doc_
               "preference": len(pairs)}
     manifest = {"builder": built.manifest(), "decontamination": decon, "preference": prefs, "counts": counts,
                 "sha256": hashes, "seed": seed,
-                "settings": {"min_doc_chars": min_doc_chars, "max_code_chars": max_code_chars,
+                "settings": {"min_doc_chars": min_doc_chars, "max_doc_chars": max_doc_chars, "max_code_chars": max_code_chars,
                              "include_methods": include_methods, "ngram": ngram, "max_pairs": max_pairs}}
     paths["manifest"].write_text(json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
                                  encoding="utf-8")

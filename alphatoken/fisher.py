@@ -1,7 +1,7 @@
 """Monte-Carlo diagonal Fisher of the scored weights at the reference model (paper Sec. 3.3).
 
-For every scored weight W (the `nn.Linear` weights of the last K decoder blocks, see
-`alphatoken.blocks.scored_linears`):
+For every scored weight W (the `nn.Linear` weights of the last K decoder blocks, or the LoRA factors
+`lora_A`, `lora_B` there for a peft-wrapped model, see `alphatoken.blocks.scored_linears`):
 
     F_W = (1/N) sum_n ( grad_W log p_ref(y~_n | x_n) )^2          (elementwise square)
 
@@ -25,6 +25,12 @@ Forward hooks capture `x` and `z` of every scored linear, one backward of `sum_n
 (samples do not interact), and `einsum('bto,bti->boi', e, x)` rebuilds the per-sample gradients, which
 are squared and accumulated. The backward starts at the input of the first scored block, so the
 earlier blocks are never differentiated.
+
+LoRA factors (paper App. B.2.3): a factor is a linear like any other (`lora_A` sees x, `lora_B` sees
+A x, and its output error already carries the scaling s), so the same hooks give F_A (r, d_in) and
+F_B (d_out, r); the cache is small. With peft's default initialisation B = 0, the gradient reaching
+A, s B^T e x^T, is zero: at such a reference F_A = 0 exactly, and the proxy P_A = F_A (A - A_ref)
+stays 0 for the whole run, while P_B = F_B (B - B_ref) carries the retention term.
 
 Sampling uses `model.generate` (left padding, KV cache, stops at eos) with a logits processor that
 draws `argmax(log q + Gumbel noise)` from a private `torch.Generator` per prompt, seeded from
@@ -69,7 +75,7 @@ class FisherMismatchError(ValueError):
 class FisherConfig:
     """How the Monte-Carlo Fisher is computed."""
 
-    last_k: int = 3  # scored weights: every nn.Linear in the last K decoder blocks (paper K=3)
+    last_k: int = 3  # scored weights: every nn.Linear (LoRA: every adapter factor) in the last K decoder blocks (paper K=3)
     labels: str = "sampled"  # "sampled": y~ ~ p_ref (Monte-Carlo Fisher); "empirical": dataset responses
     temperature: float = 1.0  # sampling temperature (1.0 = the reference model's own distribution)
     top_p: float = 1.0  # nucleus sampling mass (1.0 = no truncation, the exact Fisher)
@@ -94,6 +100,22 @@ class FisherConfig:
             fail("temperature", self.temperature, "a finite number > 0")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             fail("top_p", self.top_p, "a number in (0, 1]")
+
+
+@dataclass(frozen=True)
+class FisherPrompts:
+    """A Fisher hold-out handed to a training run, which computes the Fisher of its scored parameters
+    at step 0 (needed for LoRA factors: they exist only once the run has initialised the adapters)."""
+
+    prompts: list  # token ids of the chat prompts, rendered with the generation prompt
+    config: FisherConfig  # how the Fisher is computed
+    responses: list | None = None  # the dataset responses (token ids), for config.labels == "empirical"
+
+    def __post_init__(self):
+        if not isinstance(self.config, FisherConfig):
+            raise TypeError(f"FisherPrompts.config: expected a FisherConfig, got {type(self.config).__name__}")
+        if not isinstance(self.prompts, (list, tuple)) or not self.prompts:
+            raise ValueError("FisherPrompts.prompts: need a non-empty list of token-id lists")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -175,6 +197,13 @@ def _device_of(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def _generating_model(model: nn.Module) -> nn.Module:
+    """The transformers model whose `generate` and `generation_config` sampling uses: a peft wrapper's
+    underlying model (its LoRA layers are injected in place, so the adapters take part)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 def _sample_batch(model, prompts: list[list[int]], indices: list[int], cfg: FisherConfig,
                   stop_ids: list[int], pad_id: int) -> list[list[int]]:
     """Sample one response per prompt with `model.generate` (left padding). Each response ends with its
@@ -209,6 +238,7 @@ def _generate(model, prompts: list[list[int]], indices: list[int], cfg: FisherCo
               stop_ids: list[int], pad_id: int) -> list[list[int]]:
     from transformers import GenerationConfig, LogitsProcessorList
 
+    model = _generating_model(model)
     device = _device_of(model)
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, P) left padded

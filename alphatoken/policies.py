@@ -57,6 +57,10 @@ class PolicyConfig:
             raise ValueError(f"policy.confpo_selection={self.confpo_selection!r} must be 'mean' or 'ratio'")
         if self.lora_rank < 1:
             raise ValueError(f"policy.lora_rank={self.lora_rank} must be >= 1")
+        policy = POLICIES[self.name]
+        if policy.adapter == "lora" and policy.needs_scores and self.lora_dropout != 0:
+            raise ValueError(f"policy.lora_dropout={self.lora_dropout}: policy {self.name!r} scores the LoRA factors, "
+                             "which needs lora_dropout = 0 (the valuation cannot reproduce a dropout mask)")
 
     def rho_at(self, progress: float) -> float:
         """Retained ratio at training progress in [0, 1]: constant, or linear / cosine from rho to rho_end
@@ -206,6 +210,12 @@ _register(Policy(
     dpo_form="masked_logit",
 ))
 _register(Policy("lora", _keep_all, "LoRA (Hu et al., ICLR 2022): full-token training of low-rank adapters on the attention and MLP projections; the backbone is frozen.", adapter="lora"))
+_register(Policy(
+    "alphatoken_lora", _top_total,
+    "AlphaToken with LoRA (App. B.2.3): top-rho by total while training low-rank adapters; the scored "
+    "parameters, the target G, the Fisher F and the reference are those of the factors lora_A, lora_B.",
+    needs_scores=True, adapter="lora",
+))
 
 
 def get_policy(name: str) -> Policy:

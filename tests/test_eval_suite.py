@@ -10,9 +10,10 @@ import torch
 from alphatoken.blocks import scored_linears
 from alphatoken.data import ChatExample
 from alphatoken.eval.drift import kl_to_reference
+from alphatoken.eval.heatmap import score_heatmap
 from alphatoken.eval.report import GENERAL_AVG, OVERALL, TARGET
 from alphatoken.eval.suite import (HE_DISAGREEMENTS, HE_HUMAN_EVAL, KL, KL_SKIPPED, EvalConfig,
-                                   evaluate_checkpoint, score_heatmap)
+                                   evaluate_checkpoint)
 from alphatoken.fisher import FisherConfig, save_fisher
 from alphatoken.models import build_tiny_model, byte_tokenizer, save_pretrained
 from alphatoken.valuation import ValuationConfig
@@ -104,13 +105,18 @@ def test_score_heatmap_matches_direct_valuer(checkpoints, tmp_path):
     fisher = {name: torch.rand(lin.weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
               for name, lin in scored_linears(ref, 2).items()}
     fisher_path = save_fisher(tmp_path / "fisher.safetensors", fisher, ref, fcfg, num_prompts=1)
-    val = [_chat(0, "Write 1.", "1"), _chat(1, "Write ab.", "ab")]
-    train = [_chat(2, "Hi?", "hello"), _chat(3, "x" * 400, "too long"), _chat(4, "Q", "yes no"), _chat(5, "R", "z")]
+    # validation: one response overlong (truncated, as the training loop's validation batch), one prompt
+    # overlong (dropped); training: a prompt and a response overlong (skipped), then two that fit
+    val = [_chat(0, "Write 1.", "1"), _chat(1, "Write ab.", "ab" * 40), _chat(6, "y" * 400, "1")]
+    train = [_chat(2, "Hi?", "hello"), _chat(3, "x" * 400, "too long"), _chat(7, "Hi?", "z" * 100),
+             _chat(4, "Q", "yes no"), _chat(5, "R", "z")]
     cfg = ValuationConfig(last_k=2, window=4, lam=1.5)
     page = score_heatmap(model_dir, fisher_path, ref_dir, val, train, cfg, tmp_path / "h.html", max_length=64, n=2,
-                         dtype="float64")
+                         dtype="float64", name="run-0")
     html = page.read_text()
-    assert "ex2" in html and "ex4" in html and "ex5" not in html and "1 overlong examples skipped" in html
+    assert "ex2" in html and "ex4" in html and "ex5" not in html and "ex7" not in html
+    assert ("<title>AlphaToken token values: run-0 (2 training examples skipped: prompt_too_long 1, too_long 1; "
+            "validation examples (2 used): prompt_too_long 1, truncated 1)</title>") in html
     for component in ("tgt_dir", "tgt_cau", "prx_dir", "prx_cau", "total"):
         assert f">{component}<" in html
     # the total of the first response token equals a direct TokenValuer computation
@@ -118,8 +124,8 @@ def test_score_heatmap_matches_direct_valuer(checkpoints, tmp_path):
                                     attn_implementation="eager"), "cpu")
     ref_params = dict(ref.named_parameters())
     valuer = TokenValuer(model, cfg, fisher=fisher, reference={n: ref_params[n].detach() for n in fisher})
-    valuer.set_validation(collate([encode_chat(e, tok, 64) for e in val], tok.pad_token_id))
-    batch = collate([encode_chat(e, tok, 64) for e in (train[0], train[2])], tok.pad_token_id)
+    valuer.set_validation(collate([encode_chat(e, tok, 64, overlong="truncate") for e in val[:2]], tok.pad_token_id))
+    batch = collate([encode_chat(e, tok, 64) for e in (train[0], train[3])], tok.pad_token_id)
     scores = valuer.score(batch)
     first = int((batch["labels"][0] != -100).nonzero()[0])
     expected = float(scores.total[0, first])

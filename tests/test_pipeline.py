@@ -37,7 +37,7 @@ SFT_RUNS = ["alphatoken-0", "full-0", "random-0", "bottom-0"]
 DPO_RUNS = ["alphatoken-0", "full-0"]
 # every job of the smoke DAG, as DVC names them
 DVC_STAGES = ({"build_corpus", "prepare_model", "prepare_data", "prepare_preference", "fisher", "fisher_dpo",
-               "warmstart_sft", "evaluate_base", "evaluate_warmstart", "report", "report_dpo", "heatmap"}
+               "warmstart_sft", "ref_logps", "evaluate_base", "evaluate_warmstart", "report", "report_dpo", "heatmap"}
               | {f"{rule}@{run}" for rule in ("train", "evaluate") for run in SFT_RUNS}
               | {f"{rule}@{run}" for rule in ("train_dpo", "evaluate_dpo") for run in DPO_RUNS})
 
@@ -137,6 +137,13 @@ def test_smoke_dag_runs_end_to_end(smoke_repo):
         assert values and any(v != 0 for v in values), component
     trained = json.loads((repo / "results/dpo/train/alphatoken-0/metrics.json").read_text())
     assert trained["objective"] == "dpo" and trained["policy"] == "alphatoken"
+    # the DPO runs used the reference log-probs of the ref_logps stage, computed from the warm-start
+    from alphatoken.models import weights_fingerprint
+    from alphatoken.train.reference import read_reference_metadata
+
+    meta = read_reference_metadata(repo / "results/dpo/ref_logps.safetensors")
+    assert meta["weights_fingerprint"] == weights_fingerprint(warm) and int(meta["val_count"]) == 2
+    assert not list((repo / "results/dpo/train").glob("*/reference_losses.pt"))  # not recomputed by the runs
     assert snakemake_pending(repo) == set()
 
 
@@ -170,7 +177,7 @@ def test_a_change_reruns_only_its_dependants_in_both_front_ends(smoke_repo):
 
     # an upstream setting: the split and everything after it, not the model, the corpus or the base row
     edit_params("data", "seed", 1)
-    assert snakemake_pending(repo) == {"prepare_data", "warmstart_sft", "evaluate_warmstart"} | after_fisher
+    assert snakemake_pending(repo) == {"prepare_data", "warmstart_sft", "evaluate_warmstart", "ref_logps"} | after_fisher
     assert dvc_changed(repo) == {"prepare_data"}
     edit_params("data", "seed", 0)
 
@@ -191,6 +198,12 @@ def test_a_change_reruns_only_its_dependants_in_both_front_ends(smoke_repo):
     assert snakemake_pending(repo, "--rerun-triggers", "params") == {"train", "evaluate", "report", "heatmap"}
     assert dvc_changed(repo) == {f"train@{r}" for r in SFT_RUNS}
     edit_params("train", "rho", 0.5)
+
+    # a DPO run setting: the DPO runs, not the reference log-probs computed once from the warm-start
+    edit_params("dpo", "rho", 0.25)
+    assert snakemake_pending(repo) == {"train_dpo", "evaluate_dpo", "report_dpo"}
+    assert dvc_changed(repo) == {f"train_dpo@{r}" for r in DPO_RUNS}
+    edit_params("dpo", "rho", 0.5)
 
     # `dvc exp run -S` on an ablation knob records an experiment with its parameter and metrics
     run(repo, "git", "add", "-A")

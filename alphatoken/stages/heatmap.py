@@ -1,7 +1,8 @@
 """Stage heatmap: HTML heatmaps of the four score components and the total (paper Fig. 4/9) for a few
 training examples, scored on a trained AlphaToken run (the proxy P = F * (W - W_ref) is zero on the
 reference itself) against the target-validation batch, with the reference model's scored weights and
-its Fisher.
+its Fisher, by `alphatoken.eval.heatmap.score_heatmap` (skipped and truncated examples are counted in
+the page title and the log).
 
     python -m alphatoken.stages.heatmap --params params.yaml --section valuation --runs-section train \
         --runs results/train --reference results/model --fisher results/fisher.safetensors \
@@ -12,16 +13,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alphatoken.blocks import scored_linears
-from alphatoken.data import read_split
-from alphatoken.eval.heatmap import write_heatmap_page
-from alphatoken.fisher import load_fisher
-from alphatoken.models import ModelSpec, load_model
-from alphatoken.stages.common import ParamsError, fail, log_run_environment, pick_device, read_section, stage_parser, to_config
-from alphatoken.train.data import as_batch
-from alphatoken.valuation import TokenValuer, ValuationConfig
+from alphatoken.data import DataError, read_split
+from alphatoken.eval.heatmap import score_heatmap
+from alphatoken.fisher import FisherMismatchError
+from alphatoken.stages.common import (
+    ParamsError, fail, log_run_environment, pick_device, read_section, stage_parser, to_config,
+)
+from alphatoken.valuation import ValuationConfig
 
-COMPONENTS = ("tgt_dir", "tgt_cau", "prx_dir", "prx_cau", "total")
 EXAMPLES, MAX_LENGTH = 4, 512  # training examples shown; tokens per example
 
 
@@ -33,42 +32,29 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         cfg = to_config(read_section(args.params, args.section), ValuationConfig)
-        runs = read_section(args.params, args.runs_section).values
+        runs = read_section(args.params, args.runs_section)
+        methods, seeds = runs.values.get("methods"), runs.values.get("seeds")
+        if not isinstance(methods, list) or not isinstance(seeds, list) or not methods or not seeds:
+            raise ParamsError(f"{runs.locate('methods')}: {args.runs_section}.methods and .seeds must be non-empty lists")
     except ParamsError as err:
         fail(str(err))
-    methods = runs.get("methods") or []
     method = "alphatoken" if "alphatoken" in methods else methods[0]  # scores of the method's own run
-    run = Path(args.runs) / f"{method}-{runs['seeds'][0]}" / "final"
-    device = pick_device()
-    log_run_environment("heatmap", device, args.params)
-    model, tokenizer = load_model(ModelSpec(source="hub", name_or_path=str(run), attn_implementation="eager"), device)
-    reference, _ = load_model(ModelSpec(source="hub", name_or_path=args.reference, attn_implementation="eager"), device)
-    fisher = {k: v.to(device) for k, v in load_fisher(args.fisher, reference).items()}  # the reference's own Fisher
-    ref_params = dict(reference.named_parameters())
-    ref_weights = {name: ref_params[name].detach() for name in scored_linears(reference, cfg.last_k)}
-    valuer = TokenValuer(model, cfg, fisher=fisher, reference=ref_weights)
-    valuer.set_validation({k: v.to(device) for k, v in as_batch(tokenizer, read_split(args.val_data), MAX_LENGTH).items()})
-    examples = []
-    for example in read_split(args.train_data):  # the first EXAMPLES that fit MAX_LENGTH
-        try:
-            as_batch(tokenizer, [example], MAX_LENGTH)
-        except ValueError:
-            continue
-        examples.append(example)
-        if len(examples) == EXAMPLES:
-            break
-    if not examples:
-        fail(f"no example of {args.train_data} fits {MAX_LENGTH} tokens")
-    batch = {k: v.to(device) for k, v in as_batch(tokenizer, examples, MAX_LENGTH).items()}
-    scores = valuer.score(batch)  # TokenScores, each (B, T), aligned with labels
-    pages = []
-    for row, example in enumerate(examples):
-        positions = (batch["labels"][row] != -100).nonzero().flatten().tolist()  # response tokens
-        tokens = [tokenizer.decode([int(batch["input_ids"][row, t])]) for t in positions]
-        values = {c: [float(getattr(scores, c)[row, t]) for t in positions] for c in COMPONENTS}
-        pages.append((tokens, values, f"{example.id} ({method} run {run.parent.name}, lam={cfg.lam})"))
-    write_heatmap_page(pages, args.out, title=f"AlphaToken token values: {run.parent.name}")
-    print(f"[heatmap] {len(pages)} examples -> {args.out}")
+    run = Path(args.runs) / f"{method}-{seeds[0]}"
+    log_run_environment("heatmap", pick_device(), args.params)
+    try:
+        val, train = read_split(args.val_data), read_split(args.train_data)
+    except (DataError, FileNotFoundError) as err:
+        fail(f"{err} (rerun prepare_data)")
+    n_val = runs.values.get("val_examples") or 0  # the validation examples the runs' G used (0: all)
+    val = val[:n_val] if n_val else val
+    try:
+        page = score_heatmap(run / "final", args.fisher, args.reference, val, train, cfg, args.out,
+                             max_length=MAX_LENGTH, n=EXAMPLES, name=f"{run.name} ({method} run)")
+    except FisherMismatchError as err:
+        fail(f"{err} (rerun the fisher rule)")
+    except ValueError as err:
+        fail(str(err))
+    print(f"[heatmap] {run.name} -> {page}")
 
 
 if __name__ == "__main__":

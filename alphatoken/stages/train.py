@@ -1,6 +1,9 @@
 """Stage train: one token-masked SFT or DPO run (policy `--method`, seed `--seed`) from the reference
-checkpoint, with the cached Fisher for the retention proxy; writes final/ (HF checkpoint),
-metrics.json and dvclive/ into --out, and resumes from its own checkpoints there.
+checkpoint, with the cached Fisher for the retention proxy (and, for DPO, the reference log-probs of
+the ref_logps stage); writes final/ (HF checkpoint), metrics.json and dvclive/ into --out, and resumes
+from its own checkpoints there. A LoRA scoring policy (`alphatoken_lora`) takes the Fisher hold-out
+instead (`--fisher-prompts`, settings of `--fisher-section`): its Fisher is that of the adapter factors
+at step 0, computed by the run and cached in --out.
 
     python -m alphatoken.stages.train --params params.yaml --section train --valuation-section valuation \
         --objective sft --method alphatoken --seed 0 --model results/model --train-data results/data/train.jsonl \
@@ -15,14 +18,17 @@ import sys
 
 from alphatoken.blocks import scored_linears
 from alphatoken.data import DataError, read_split
-from alphatoken.fisher import FisherMismatchError, load_fisher
+from alphatoken.fisher import FisherConfig, FisherMismatchError, FisherPrompts, load_fisher
 from alphatoken.models import ModelSpec, load_model
 from alphatoken.policies import PolicyConfig, get_policy
 from alphatoken.stages.common import (
     ParamsError, fail, gpus_requested, init_distributed, log_run_environment, read_section, relaunch_under_torchrun,
     split_section, stage_parser, to_config,
 )
+from alphatoken.stages.fisher import OWN_KEYS as FISHER_OWN_KEYS
+from alphatoken.stages.fisher import encode_fisher_prompts
 from alphatoken.train import TrainConfig, train_dpo, train_sft
+from alphatoken.train.reference import ReferenceMismatchError
 from alphatoken.valuation import ValuationConfig
 
 MATRIX_KEYS = ("methods", "seeds")  # which runs exist: the rule's wildcards, not settings of one run
@@ -43,6 +49,21 @@ def read_train_config(params: list, section_name: str, valuation_section: str, m
     return own, to_config(rest, TrainConfig, output_dir=out, seed=seed, policy=policy, valuation=valuation)
 
 
+def read_fisher_prompts(params: list, section_name: str, path: str, tokenizer, last_k: int) -> FisherPrompts:
+    """The Fisher hold-out at `path` with the FisherConfig of section `section_name`, for a run that
+    computes the Fisher of its LoRA factors at step 0 (the section's dtype/attn_implementation do not
+    apply: the run's model is the one trained). Skipped examples are counted in the log."""
+    own, rest = split_section(read_section(params, section_name), FISHER_OWN_KEYS)
+    cfg = to_config(rest, FisherConfig)
+    if cfg.last_k < last_k:
+        raise ParamsError(f"{rest.locate('last_k')}: {cfg.last_k} is below valuation.last_k={last_k}")
+    prompts, responses, skipped = encode_fisher_prompts(read_split(path), tokenizer, own.get("max_length", 1024))
+    if not prompts:
+        raise DataError(f"{path}: no usable Fisher prompt (skipped: {dict(skipped)})")
+    print(f"[train] {len(prompts)} Fisher prompts from {path} ({sum(skipped.values())} skipped: {dict(skipped)})")
+    return FisherPrompts(prompts, cfg, responses if cfg.labels == "empirical" else None)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--valuation-section", required=True, help="section of the token valuation settings")
@@ -50,6 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("--method", "--model", "--train-data", "--val-data", "--out"):
         parser.add_argument(flag, required=True)
     parser.add_argument("--fisher", help="cached Fisher of --model (needed by the policies that score tokens)")
+    parser.add_argument("--fisher-prompts", help="Fisher hold-out (JSONL); used only by the LoRA scoring policies, which "
+                        "compute the Fisher of their adapter factors at step 0")
+    parser.add_argument("--fisher-section", default="fisher", help="section of the Fisher settings (with --fisher-prompts)")
+    parser.add_argument("--reference-logps", help="reference log-probs of --model on the training data (ref_logps "
+                        "stage); without it the run computes them itself")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rule", default="train", help="the rule whose `resources` (threads, gpu) apply")
     args = parser.parse_args(argv)
@@ -65,8 +91,22 @@ def main(argv: list[str] | None = None) -> None:
     log_run_environment(args.rule, device, args.params)
     model, tokenizer = load_model(ModelSpec(source="hub", name_or_path=args.model, dtype=own.get("dtype", "float32"),
                                             attn_implementation=own.get("attn_implementation", "eager")), device)
-    fisher = None
-    if args.fisher:
+    fisher, fisher_prompts, policy = None, None, get_policy(args.method)
+    if policy.needs_scores and policy.adapter == "lora":
+        if not args.fisher_prompts:
+            fail(f"policy {args.method!r} scores the LoRA factors with the retention proxy: pass --fisher-prompts "
+                 "(the Fisher hold-out); the run computes the factors' Fisher at step 0")
+        if args.fisher:  # the pipeline's rules pass both inputs to every run
+            print(f"[train] {args.method}: --fisher {args.fisher} (full weights) is not used: the proxy needs the "
+                  "Fisher of the LoRA factors, computed from --fisher-prompts")
+        try:
+            fisher_prompts = read_fisher_prompts(args.params, args.fisher_section, args.fisher_prompts, tokenizer,
+                                                 valuation.last_k)
+        except ParamsError as err:
+            fail(str(err))
+        except (DataError, FileNotFoundError) as err:
+            fail(f"{err} (rerun prepare_data)")
+    elif args.fisher:  # --fisher-prompts, if given, serves only the LoRA scoring policies
         try:
             fisher = {k: v.to(device) for k, v in load_fisher(args.fisher, model).items()}
         except (FisherMismatchError, FileNotFoundError) as err:
@@ -76,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         if missing:
             fail(f"{args.valuation_section}.last_k={valuation.last_k} scores weights the Fisher lacks ({missing[0]}, ...): "
                  "raise fisher.last_k to at least valuation.last_k and rerun the fisher rule")
-    elif get_policy(args.method).needs_scores:
+    elif policy.needs_scores:
         fail(f"policy {args.method!r} scores tokens with the retention proxy: pass --fisher (the rule's Fisher input)")
     try:
         train, val = read_split(args.train_data), read_split(args.val_data)
@@ -87,7 +127,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # reference=None: the proxy's W_ref are the weights at step 0, i.e. --model, which load_fisher
         # has just checked is the model the Fisher was computed on
-        result = run(model, tokenizer, train, val, config, fisher=fisher, out_dir=args.out)
+        result = run(model, tokenizer, train, val, config, fisher=fisher, out_dir=args.out,
+                     reference_logps=args.reference_logps, fisher_prompts=fisher_prompts)
+    except FisherMismatchError as err:
+        fail(f"{err} (the Fisher cached in {args.out} belongs to other step-0 weights or Fisher settings: "
+             "delete that run directory to start over)")
+    except (ReferenceMismatchError, FileNotFoundError) as err:
+        fail(f"{err} (rerun the ref_logps rule)" if args.reference_logps else str(err))
     except ValueError as err:
         fail(f"{err} (check {args.section}.micro_batch_size / grad_accum_steps / max_length)")
     if result.preempted:

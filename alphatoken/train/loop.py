@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -51,10 +52,12 @@ from alphatoken.losses import (
 from alphatoken.policies import TokenContext, get_policy, scores_to_loss_positions
 from alphatoken.train.config import TrainConfig
 from alphatoken.train.data import as_batch, collate, collate_pairs, encode_dataset, pad_token_id
+from alphatoken.train.reference import load_reference_logps, reference_sequence_logps, reference_token_losses
 
 CHECKPOINT_DIR = "checkpoint"
 REFERENCE_LOSSES = "reference_losses.pt"
 REFERENCE_WEIGHTS = "reference_weights.pt"
+FISHER = "fisher.safetensors"  # the Fisher computed at step 0 from `fisher_prompts`
 
 
 @dataclass
@@ -101,6 +104,31 @@ def _wrap_lora(model, pcfg):
     return get_peft_model(model, lora)
 
 
+def _step0_fisher(model, tokenizer, fisher_prompts, last_k: int, path: Path, resuming: bool, ckpt_dir: Path, rank: int,
+                  device, progress: bool) -> dict:
+    """The Fisher of the scored parameters of `model` at step 0 (for LoRA: of the freshly initialised
+    factors), computed from `fisher_prompts` once and cached at `path`. A cached file is checked by
+    `load_fisher` against `model`, which here still holds the step-0 weights (a checkpoint is loaded
+    later; the adapters' initialisation is seeded), and against the Fisher configuration."""
+    from alphatoken.fisher import FisherPrompts, compute_fisher, load_fisher, save_fisher
+
+    if not isinstance(fisher_prompts, FisherPrompts):
+        raise TypeError(f"fisher_prompts: expected an alphatoken.fisher.FisherPrompts, got {type(fisher_prompts).__name__}")
+    cfg = fisher_prompts.config
+    if cfg.last_k < last_k:
+        raise ValueError(f"fisher_prompts.config.last_k={cfg.last_k} is below valuation.last_k={last_k}: "
+                         "the Fisher would lack scored parameters")
+    if path.is_file():
+        fisher = load_fisher(path, model, cfg)
+    elif resuming:
+        raise FileNotFoundError(f"{path} is missing but {ckpt_dir} exists: the Fisher must be that of the weights at step 0")
+    else:
+        fisher = compute_fisher(model, tokenizer, fisher_prompts.prompts, cfg, responses=fisher_prompts.responses, progress=progress)
+        if rank == 0:
+            save_fisher(path, fisher, model, cfg, len(fisher_prompts.prompts))
+    return {name: value.to(device) for name, value in fisher.items()}
+
+
 def _optimizer(model, config: TrainConfig):
     """AdamW; no weight decay on 1-D parameters (biases, norms), as is customary for transformers."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -116,29 +144,6 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 def _policy_generator(seed: int, step: int, micro_index: int, branch: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 10_007 + micro_index * 101 + branch) % (2**62))
-
-
-@torch.no_grad()
-def _reference_token_losses(model, features: list[dict], pad_id: int, device, micro_batch_size: int, preference: bool, desc: str) -> list:
-    """Per-example per-position NLL `[len-1]` under `model` (eval mode), in example order; for
-    preference data a dict with "chosen" and "rejected"."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in tqdm(range(0, len(features), micro_batch_size), desc=desc, leave=False, disable=len(features) < 64):
-        chunk = features[start : start + micro_batch_size]
-        batch = _to(collate_pairs(chunk, pad_id) if preference else collate(chunk, pad_id), device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B', T, V)
-        losses = token_nll(logits, batch["labels"]).cpu()  # (B', T-1)
-        b = len(chunk)
-        for row in range(b):
-            if preference:
-                lc, lr = len(chunk[row]["chosen"]["input_ids"]) - 1, len(chunk[row]["rejected"]["input_ids"]) - 1
-                out.append({"chosen": losses[row, :lc].clone(), "rejected": losses[b + row, :lr].clone()})
-            else:
-                out.append(losses[row, : len(chunk[row]["input_ids"]) - 1].clone())
-    model.train(was_training)
-    return out
 
 
 def _pad_rows(rows: list[torch.Tensor], width: int, like: torch.Tensor) -> torch.Tensor:
@@ -161,24 +166,40 @@ def _dpo_objective(beta: float, ref_logps: torch.Tensor):
     return objective
 
 
-def train_sft(model, tokenizer, train_examples, val_batch, config: TrainConfig, fisher=None, reference=None, reference_model=None, out_dir=None) -> TrainResult:
+def train_sft(model, tokenizer, train_examples, val_batch, config: TrainConfig, fisher=None, reference=None, reference_model=None, out_dir=None,
+              reference_logps=None, fisher_prompts=None) -> TrainResult:
     """Token-masked SFT (Alpha-SFT, Eq. 13) with the configured policy; `full` is standard SFT
     (the warm-start). `val_batch`: a batch dict or a list of examples (only used by policies that need
     token values). `fisher` / `reference`: diagonal Fisher and reference weights for the retention
     proxy (param name -> tensor); with a Fisher and no reference, the weights at step 0 are the reference.
     `reference_model`: the model whose per-token losses reference-based policies (STM, Token Cleaning,
-    Rho-1) compare against; default the model itself before training."""
-    return _train("sft", model, tokenizer, train_examples, val_batch, config, fisher, reference, reference_model, out_dir)
+    Rho-1) compare against; default the model itself before training. `reference_logps`: a file of
+    those losses (`alphatoken.train.reference`), loaded instead of computing them.
+    `fisher_prompts` (an `alphatoken.fisher.FisherPrompts`, instead of `fisher`): the Fisher of the
+    scored parameters is computed at step 0 and cached in the output dir. LoRA scoring policies
+    (`alphatoken_lora`) score the adapter factors, whose Fisher and reference exist only once the
+    adapters are initialised, so they take `fisher_prompts` (or a `fisher` keyed by the factors'
+    parameter names of the wrapped model)."""
+    return _train("sft", model, tokenizer, train_examples, val_batch, config, fisher, reference, reference_model, out_dir,
+                  reference_logps, fisher_prompts)
 
 
-def train_dpo(model, tokenizer, train_pairs, val_pairs, config: TrainConfig, fisher=None, reference=None, reference_model=None, out_dir=None) -> TrainResult:
+def train_dpo(model, tokenizer, train_pairs, val_pairs, config: TrainConfig, fisher=None, reference=None, reference_model=None, out_dir=None,
+              reference_logps=None, fisher_prompts=None) -> TrainResult:
     """Token-masked DPO (Alpha-DPO, Eq. 14; plain DPO with `full`; ConfPO's masked logit with
     `confpo`). The DPO reference model is `reference_model`, default the model itself before training
-    (the warm-start checkpoint); its per-token log-probs are computed once and cached in the output dir."""
-    return _train("dpo", model, tokenizer, train_pairs, val_pairs, config, fisher, reference, reference_model, out_dir)
+    (the warm-start checkpoint). Its per-token log-probs of the pairs (and the validation pairs'
+    sequence log-probs) come from `reference_logps`, a file written by
+    `alphatoken.train.reference.save_reference_logps` for this model, data, max_length and
+    micro_batch_size (checked; the pipeline's ref_logps stage), or else are computed here before the
+    first update and cached in the output dir (`reference_losses.pt`) for resuming; both give the same
+    values bit for bit. `fisher`, `reference`, `fisher_prompts` as in `train_sft`."""
+    return _train("dpo", model, tokenizer, train_pairs, val_pairs, config, fisher, reference, reference_model, out_dir,
+                  reference_logps, fisher_prompts)
 
 
-def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig, fisher, reference, reference_model, out_dir) -> TrainResult:
+def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig, fisher, reference, reference_model, out_dir,
+           reference_logps=None, fisher_prompts=None) -> TrainResult:
     preference = objective == "dpo"
     out = Path(out_dir or config.output_dir)
     rank, world = _dist_info()
@@ -200,11 +221,17 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
         raise ValueError(f"{len(features)} usable training examples ({stats.as_dict()}) are fewer than one global batch of {global_batch}")
     total_steps = config.max_steps or config.epochs * steps_per_epoch
 
-    # ---- reference per-token losses: computed once (before any update) and cached on disk
+    # ---- reference per-token losses: from the given file (checked against the reference model and
+    # the data), or computed once here (before any update) and cached on disk
     ref_losses, ref_val = None, None
     needs_scores = policy.needs_scores
     val_batch = as_batch(tokenizer, val_data, config.max_length, preference) if needs_scores else None
-    if preference or policy.needs_reference_loss:
+    if (preference or policy.needs_reference_loss) and reference_logps is not None:
+        ref_model = reference_model if reference_model is not None else model  # the weights before any update
+        loaded = load_reference_logps(reference_logps, ref_model, features, val_batch if preference else None,
+                                      config.max_length, config.micro_batch_size, preference)
+        ref_losses, ref_val = loaded.train, loaded.val
+    elif preference or policy.needs_reference_loss:
         cache = out / REFERENCE_LOSSES
         if cache.is_file():
             saved = torch.load(cache, map_location="cpu", weights_only=False)
@@ -215,23 +242,29 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
             raise FileNotFoundError(f"{cache} is missing but {ckpt_dir} exists: the reference losses must come from the model before training")
         else:
             ref_model = reference_model if reference_model is not None else model
-            ref_losses = _reference_token_losses(ref_model, features, pad_id, device, config.micro_batch_size, preference, "reference losses")
+            ref_losses = reference_token_losses(ref_model, features, pad_id, device, config.micro_batch_size, preference, "reference losses")
             if preference and val_batch is not None:
-                vb = _to(val_batch, device)
-                with torch.no_grad():
-                    was = ref_model.training
-                    ref_model.eval()
-                    ref_val = -token_nll(ref_model(input_ids=vb["input_ids"], attention_mask=vb["attention_mask"]).logits, vb["labels"]).sum(dim=1).cpu()  # (2Bv,)
-                    ref_model.train(was)
+                ref_val = reference_sequence_logps(ref_model, val_batch, device)  # (2Bv,)
             if rank == 0:
                 torch.save({"train": ref_losses, "val": ref_val}, cache)
 
+    # ---- LoRA adapters, before the valuer: a LoRA scoring policy scores the factors
+    if policy.adapter == "lora":
+        model = _wrap_lora(model, pcfg)
+
     # ---- valuer (policies that need token values)
     valuer = None
+    if fisher_prompts is not None and not needs_scores:
+        raise ValueError(f"fisher_prompts: policy {policy.name!r} does not score tokens, so it uses no Fisher")
     if needs_scores:
         from alphatoken.valuation import TokenValuer, ValuationConfig
 
         vcfg = dataclasses.replace(config.valuation or ValuationConfig(), **policy.valuation_overrides)
+        if fisher_prompts is not None:
+            if fisher is not None:
+                raise ValueError("pass either `fisher` or `fisher_prompts` (to compute it at step 0), not both")
+            fisher = _step0_fisher(model, tokenizer, fisher_prompts, vcfg.last_k, out / FISHER, resuming, ckpt_dir, rank,
+                                   device, config.progress)
         if fisher is not None and reference is None:
             ref_path = out / REFERENCE_WEIGHTS
             if ref_path.is_file():
@@ -247,9 +280,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
         val_batch = _to(val_batch, device)
         val_objective = _dpo_objective(config.dpo_beta, ref_val) if preference else None
 
-    # ---- model wrapping, optimiser, schedule
-    if policy.adapter == "lora":
-        model = _wrap_lora(model, pcfg)
+    # ---- optimiser, schedule
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -329,7 +360,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                     scores = None
                     if valuer is not None:
                         scale = torch.cat([omega, -omega]).to(token_loss.dtype)  # (2b,) +omega chosen, -omega rejected
-                        scores = valuer.score_captured(batch, token_loss, example_scale=scale)  # label-aligned (2b, T)
+                        scores = valuer.score_captured(batch, token_loss, example_scale=scale, components=False)  # label-aligned (2b, T)
                     weights = []
                     for branch, rows in enumerate((slice(0, b), slice(b, 2 * b))):  # separate top-rho per branch
                         branch_scores = scores_to_loss_positions(scores, rows) if scores is not None else None
@@ -347,7 +378,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                 else:
                     scores = None
                     if valuer is not None:
-                        scores = scores_to_loss_positions(valuer.score_captured(batch, token_loss))
+                        scores = scores_to_loss_positions(valuer.score_captured(batch, token_loss, components=False))
                     ref = _pad_rows([ref_losses[i] for i in chunk], width, token_loss) if ref_losses is not None else None
                     ctx = TokenContext(valid, token_loss.detach(), rho, scores, ref, _policy_generator(config.seed, step, micro_index, 0))
                     w = policy.weights(ctx, pcfg)  # (B, T-1) detached
@@ -388,7 +419,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                     optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             with warnings.catch_warnings():  # a skipped step advances the schedule without optimizer.step()
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 scheduler.step()
 
             if skipped == "nonfinite":

@@ -21,6 +21,7 @@ class ValuationConfig:
     use_prx_dir: bool = True  # compute the direct proxy alignment e_p^T P x_p
     use_prx_cau: bool = True  # compute the value-path causal proxy alignment
     target_form: str = "auto"  # "contract" (X G^T), "ghost" (E E_v^T * X X_v^T) or "auto" (cheaper per layer)
+    val_chunk_size: int = 4  # validation sequences per forward in set_validation (G summed over chunks; bounds memory)
 
     def __post_init__(self):
         if not isinstance(self.last_k, int) or self.last_k < 1:
@@ -31,6 +32,8 @@ class ValuationConfig:
             raise ValueError(f"ValuationConfig.lam must be a number, got {self.lam!r}")
         if self.signal not in SIGNALS:
             raise ValueError(f"ValuationConfig.signal must be one of {SIGNALS}, got {self.signal!r}")
+        if not isinstance(self.val_chunk_size, int) or isinstance(self.val_chunk_size, bool) or self.val_chunk_size < 1:
+            raise ValueError(f"ValuationConfig.val_chunk_size must be a positive int, got {self.val_chunk_size!r}")
         if self.target_form not in TARGET_FORMS:
             raise ValueError(f"ValuationConfig.target_form must be one of {TARGET_FORMS}, got {self.target_form!r}")
 

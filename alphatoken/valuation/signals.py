@@ -7,7 +7,11 @@ detached hidden state with `capturing_attention` and back-propagates a given cot
 block's output: for the `total` signal g = dL/dh (ordinary attention), which yields e_p = dL/dz_p;
 for the `self` signal the per-position g_p = d l_p / d h_p (the LM head is position-wise, so dL/dh
 already is that) through the gradient-stopping attention, which yields e_p = d l_p / d z_p.
-Backward of the training graph itself is never needed beyond the head, and `.grad` is never touched."""
+Backward of the training graph itself is never needed beyond the head, and `.grad` is never touched.
+
+The context error c of a block (the error of the attention output, i.e. of the `o_proj` input) is
+e_o W_o when `o_proj` is itself a scored linear; otherwise (a LoRA-adapted or frozen `o_proj`) it is
+taken by the same backward, as the gradient of the `o_proj` input captured in the re-run."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from alphatoken.blocks import is_lora_layer
 from alphatoken.valuation.attention import ATTENTION_NAME, AttentionRecord, active_record
 
 
@@ -45,16 +50,27 @@ def _hidden_of(output):
 class BlockCapture:
     """Hooks on the scored blocks that record each forward call; `cut_last=True` replaces the last
     block's output by a fresh leaf so that d(objective)/dh costs only the LM head (for forwards the
-    valuation runs itself). Hooks fire once per module call; recomputation under gradient
+    valuation runs itself). With `cut_last` and the model's first decoder block `first_block`, the
+    decoder blocks run without autograd (grad mode off from `first_block`'s call to the end of the
+    last block, back on for the head): their graph would never be used, and on a long validation
+    batch it is most of the memory. Hooks fire once per module call; recomputation under gradient
     checkpointing calls `forward` directly and records nothing."""
 
-    def __init__(self, blocks: list[tuple[int, nn.Module]], cut_last: bool):
+    def __init__(self, blocks: list[tuple[int, nn.Module]], cut_last: bool, first_block: nn.Module | None = None):
         self.blocks = blocks
         self.cut_last = cut_last
+        self.first_block = first_block if cut_last else None
         self.records: list[ForwardRecord] = []
         self.handles = []
+        self.grad_was_enabled = True
+
+    def _stop_grad(self, module, args):
+        self.grad_was_enabled = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)  # restored by the last block's hook (or by the caller's grad-mode context)
 
     def __enter__(self):
+        if self.first_block is not None:
+            self.handles.append(self.first_block.register_forward_pre_hook(self._stop_grad))
         first_idx, last_idx = self.blocks[0][0], self.blocks[-1][0]
         for idx, block in self.blocks:
             self.handles.append(block.register_forward_pre_hook(self._pre_hook(idx, idx == first_idx), with_kwargs=True))
@@ -90,6 +106,8 @@ class BlockCapture:
         return hook
 
     def _last_hook(self, module, args, output):
+        if self.first_block is not None:
+            torch.set_grad_enabled(self.grad_was_enabled)
         if not self.records or self.records[-1].last_output is not None:
             return None
         hidden = _hidden_of(output)
@@ -103,10 +121,15 @@ class BlockCapture:
         return None
 
 
+def _is_projection(module) -> bool:
+    return isinstance(module, nn.Linear) or is_lora_layer(module)
+
+
 def attention_module(block: nn.Module) -> nn.Module:
-    """The self-attention module of a decoder block: the submodule owning `v_proj` and `o_proj`."""
+    """The self-attention module of a decoder block: the submodule owning `v_proj` and `o_proj`
+    (plain or LoRA-adapted linears)."""
     for module in block.modules():
-        if isinstance(getattr(module, "v_proj", None), nn.Linear) and isinstance(getattr(module, "o_proj", None), nn.Linear):
+        if _is_projection(getattr(module, "v_proj", None)) and _is_projection(getattr(module, "o_proj", None)):
             return module
     raise ValueError(f"{type(block).__name__} has no attention module with `v_proj` and `o_proj` linears")
 
@@ -136,6 +159,17 @@ def rerun_scored_blocks(
         return hook
 
     attn_modules = {idx: attention_module(block) for idx, block in blocks}
+    # blocks whose o_proj is not a scored linear: their context error is the gradient of the o_proj input
+    context_inputs = {}  # block index -> (B, T, H*hd) o_proj input, in the re-run graph
+    unscored_o = [idx for idx, m in attn_modules.items() if not any(lin is m.o_proj for lin in linears.values())]
+
+    def context_hook(idx):
+        def hook(module, args, output):
+            if idx not in context_inputs:  # first call only
+                context_inputs[idx] = args[0]
+
+        return hook
+
     configs = {id(m.config): m.config for m in attn_modules.values()}
     saved_impl = {key: cfg.__dict__.get("_attn_implementation_internal") for key, cfg in configs.items()}
     saved_ckpt = {idx: block.__dict__.get("gradient_checkpointing", None) for idx, block in blocks}
@@ -144,6 +178,8 @@ def rerun_scored_blocks(
     try:
         for name, linear in linears.items():
             handles.append(linear.register_forward_hook(linear_hook(name)))
+        for idx in unscored_o:
+            handles.append(attn_modules[idx].o_proj.register_forward_hook(context_hook(idx)))
         for cfg in configs.values():
             cfg._attn_implementation_internal = ATTENTION_NAME
         for idx, block in blocks:
@@ -156,7 +192,9 @@ def rerun_scored_blocks(
                 kwargs = {**kwargs, "past_key_values": None, "use_cache": False}
                 hidden = _hidden_of(block(hidden, *rest, **kwargs))  # (B, T, d)
             names = list(outputs)
-            grads = torch.autograd.grad(hidden, [outputs[n] for n in names], grad_outputs=cotangent.to(hidden.dtype), allow_unused=True)
+            wanted = [outputs[n] for n in names] + [context_inputs[idx] for idx in unscored_o]
+            grads = torch.autograd.grad(hidden, wanted, grad_outputs=cotangent.to(hidden.dtype), allow_unused=True)
+            grads, context_grads = grads[: len(names)], dict(zip(unscored_o, grads[len(names):]))
     finally:
         for handle in handles:
             handle.remove()
@@ -174,9 +212,13 @@ def rerun_scored_blocks(
     attn, ctx_err = {}, {}
     for idx, module in attn_modules.items():
         probs = attn_record.probs[id(module)].to(compute_dtype)  # (B, H, T, T)
-        o_name = _name_of(linears, module.o_proj)
         heads = probs.shape[1]
-        c = e[o_name] @ module.o_proj.weight.detach().to(compute_dtype)  # (B, T, H*hd): error of the o_proj input
+        if idx in context_grads:
+            g = context_grads[idx]
+            c = (torch.zeros_like(context_inputs[idx]) if g is None else g).detach().to(compute_dtype)  # (B, T, H*hd)
+        else:
+            o_name = _name_of(linears, module.o_proj)
+            c = e[o_name] @ module.o_proj.weight.detach().to(compute_dtype)  # (B, T, H*hd): error of the o_proj input
         attn[idx] = probs
         ctx_err[idx] = c.view(*c.shape[:2], heads, -1)  # (B, T, H, hd)
     return Signals(x=x, e=e, attn=attn, ctx_err=ctx_err)

@@ -12,7 +12,14 @@ proxy (METHOD.md). Usage::
 
 The naive equivalent of `score` (tests/bruteforce.py) materialises, for every position p, the
 per-position weight gradient e_p (x) x_p of every scored weight and Frobenius-dots it with G and P;
-here only activations, errors and attention probabilities of the last K blocks are used."""
+here only activations, errors and attention probabilities of the last K blocks are used.
+
+LoRA: on a peft-wrapped model the scored weights are the adapter factors (`alphatoken.blocks`), and
+everything above applies to them as to any linear (x, e of `lora_A` and of `lora_B`; G, F, P and
+the reference are keyed by the factors' parameter names). Only the value path needs to know how a
+factor feeds the value vectors: with v_p = W0 x_p + s B A x_p, a direction D of a factor changes
+v_p by dv_p = s B (D x_p) for D on A (x_p the input of `lora_A`) and dv_p = s D (A x_p) for D on B
+(A x_p the input of `lora_B`); `ValueMap` applies this to y_p = D x_p before the band sum."""
 
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from alphatoken.blocks import scored_blocks, scored_linears
+from alphatoken.blocks import decoder_blocks, is_lora_layer, lora_factors, scored_blocks, scored_linears
 from alphatoken.valuation.attention import register_attention
 from alphatoken.valuation.config import TokenScores, ValuationConfig
 from alphatoken.valuation.scores import (
@@ -48,6 +55,62 @@ class TargetDirection:
     val_e: torch.Tensor | None  # (N, d_out) validation errors dJ/dz_v, for "ghost"
 
 
+@dataclass(frozen=True)
+class ValueMap:
+    """How the output change y_p = D x_p of a LoRA factor of `v_proj` (direction D) changes the value
+    vectors: dv_p = s * y_p B^T for `lora_A` (y_p (B, T, r)), dv_p = s * y_p for `lora_B` (y_p
+    (B, T, d_v)). The `v_proj` weight itself needs no map (dv_p = y_p)."""
+
+    scaling: float  # s of the adapter
+    lora_B: nn.Linear | None  # the adapter's B (d_v, r) for a lora_A factor, None for lora_B
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        if self.lora_B is not None:
+            y = y @ self.lora_B.weight.detach().to(y.dtype).T  # (B, T, r) -> (B, T, d_v), current B
+        return self.scaling * y  # (B, T, d_v)
+
+
+class _DirectionSum:
+    """G = sum_v e_v (x) x_v of one weight, accumulated over validation chunks. "contract": the
+    (d_out, d_in) sum; "ghost": the kept rows (x_v, e_v); "auto": rows while
+    N (d_in + d_out) < d_in d_out (the ghost form is cheaper), the matrix from the chunk that crosses it.
+    Rows without error (padding, positions after the last response token) add nothing and are dropped."""
+
+    def __init__(self, d_out: int, d_in: int, form: str):
+        self.d_out, self.d_in, self.form = d_out, d_in, form
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.n_rows = 0
+        self.matrix: torch.Tensor | None = None  # (d_out, d_in)
+        self.like: torch.Tensor | None = None  # dtype and device of the rows
+
+    def add(self, x: torch.Tensor, e: torch.Tensor) -> None:
+        self.like = x
+        keep = e.abs().sum(-1) > 0
+        x, e = x[keep], e[keep]  # (n, d_in), (n, d_out)
+        if self.form == "contract" or self.matrix is not None:
+            self._add_matrix(x, e)
+            return
+        self.rows.append((x, e))
+        self.n_rows += x.shape[0]
+        if self.form == "auto" and self.n_rows * (self.d_in + self.d_out) >= self.d_in * self.d_out:
+            rows, self.rows = self.rows, []
+            for rx, re in rows:
+                self._add_matrix(rx, re)
+
+    def _add_matrix(self, x: torch.Tensor, e: torch.Tensor) -> None:
+        g = e.T @ x  # (d_out, d_in)
+        self.matrix = g if self.matrix is None else self.matrix + g
+
+    def result(self) -> "TargetDirection":
+        if self.matrix is not None:
+            return TargetDirection("contract", self.matrix, None, None)
+        if self.form == "contract":  # no row had an error: G = 0
+            return TargetDirection("contract", self.like.new_zeros(self.d_out, self.d_in), None, None)
+        val_x = torch.cat([x for x, _ in self.rows]) if self.rows else self.like.new_zeros(0, self.d_in)  # (N, d_in)
+        val_e = torch.cat([e for _, e in self.rows]) if self.rows else self.like.new_zeros(0, self.d_out)  # (N, d_out)
+        return TargetDirection("ghost", None, val_x, val_e)
+
+
 def _batch_field(batch: dict, key: str) -> torch.Tensor:
     if not isinstance(batch, dict) or key not in batch:
         raise KeyError(f"batch is missing the field {key!r} (needs input_ids, attention_mask, labels)")
@@ -58,21 +121,39 @@ class TokenValuer:
     """Scores the tokens of training batches for `model` (see the module docstring).
 
     fisher, reference: dicts `parameter name -> tensor` (names of `model.named_parameters()`),
-    needed for every scored weight; either `None` makes the proxy zero."""
+    needed for every scored weight (the LoRA factors of a peft-wrapped model); either `None` makes
+    the proxy zero."""
 
     def __init__(self, model: nn.Module, config: ValuationConfig, fisher: dict | None = None, reference: dict | None = None):
         self.model = model
         self.config = config
         self.blocks = scored_blocks(model, config.last_k)
+        self.first_block = decoder_blocks(model)[0]  # the valuation's own forwards run the blocks without autograd
         self.linears = scored_linears(model, config.last_k)
+        if not self.linears:
+            raise ValueError(f"no linear to score in the last {config.last_k} decoder blocks")
         weight = next(iter(self.linears.values())).weight
         self.compute_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        self.value_weight = {}  # v_proj weight name -> scored block index
+        self.value_weight = {}  # name of a scored weight feeding v_proj -> scored block index
+        self.value_maps: dict[str, ValueMap] = {}  # LoRA factors of v_proj -> their map to the value change
         for idx, block in self.blocks:
-            attn = attention_module(block)
+            v_proj = attention_module(block).v_proj
+            factor_maps = {}
+            for layer in block.modules():
+                if is_lora_layer(layer):
+                    for f in lora_factors(layer):
+                        if not isinstance(f.dropout, nn.Identity) and getattr(f.dropout, "p", None) != 0:
+                            raise ValueError(
+                                f"block {idx}: LoRA adapter {f.adapter!r} has dropout {f.dropout}: the valuation re-run "
+                                "cannot reproduce the dropout mask of the training forward; use lora_dropout=0")
+                        if layer is v_proj:
+                            factor_maps[id(f.lora_A)] = ValueMap(f.scaling, f.lora_B)
+                            factor_maps[id(f.lora_B)] = ValueMap(f.scaling, None)
             for name, linear in self.linears.items():
-                if linear is attn.v_proj:
+                if linear is v_proj or id(linear) in factor_maps:
                     self.value_weight[name] = idx
+                if id(linear) in factor_maps:
+                    self.value_maps[name] = factor_maps[id(linear)]
         self.fisher = self._check_param_dict(fisher, "fisher")
         self.reference = self._check_param_dict(reference, "reference")
         self._target: dict[str, TargetDirection] | None = None
@@ -123,54 +204,55 @@ class TokenValuer:
         activations whose count differs per rank and cannot be averaged exactly, so `reduce` forces
         the contract form for every weight."""
         labels = _batch_field(val_batch, "labels")
-        with BlockCapture(self.blocks, cut_last=True) as capture, torch.enable_grad():
-            if objective is None:
-                n_tokens = int((labels[:, 1:] != -100).sum())
-                if n_tokens == 0:
-                    raise ValueError("the validation batch has no response tokens (all labels are -100)")
-                out = self.model(
-                    input_ids=_batch_field(val_batch, "input_ids"),
-                    attention_mask=_batch_field(val_batch, "attention_mask"),
-                    use_cache=False,
-                )
-                objective_value = token_nll(out.logits, labels, self.compute_dtype).sum() / n_tokens
-            else:
-                objective_value = objective(self.model, val_batch)
+        forms = {}
+        for name, linear in self.linears.items():
+            form = "contract" if reduce is not None else self.config.target_form
+            forms[name] = _DirectionSum(*linear.weight.shape, form)
+        if objective is None:
+            n_tokens = int((labels[:, 1:] != -100).sum())
+            if n_tokens == 0:
+                raise ValueError("the validation batch has no response tokens (all labels are -100)")
+            size = self.config.val_chunk_size
+            for start in range(0, labels.shape[0], size):  # J = sum over chunks of (chunk token-loss sum) / n_tokens
+                chunk = {k: _batch_field(val_batch, k)[start : start + size] for k in ("input_ids", "attention_mask", "labels")}
+
+                def chunk_objective(model, batch, chunk_labels=chunk["labels"]):
+                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                    return token_nll(out.logits, chunk_labels, self.compute_dtype).sum() / n_tokens
+
+                self._accumulate_validation(chunk, chunk_objective, forms)
+        else:
+            self._accumulate_validation(val_batch, objective, forms)
+        target = {}
+        for name, acc in forms.items():
+            direction = acc.result()
+            if direction.form == "contract" and reduce is not None:
+                d_out, d_in = self.linears[name].weight.shape
+                g = reduce(direction.matrix)
+                if not isinstance(g, torch.Tensor) or tuple(g.shape) != (d_out, d_in):
+                    raise ValueError(f"reduce must return a tensor of shape {(d_out, d_in)} for {name}")
+                direction = TargetDirection("contract", g, None, None)
+            target[name] = direction
+        self._target = target
+        self.refresh_proxy()
+
+    def _accumulate_validation(self, batch: dict, objective: Callable, forms: dict) -> None:
+        """Run `objective(model, batch)`, back-propagate it to the scored weights' outputs through a
+        re-run of the scored blocks, and add every weight's validation (x_v, e_v) rows to `forms`."""
+        with BlockCapture(self.blocks, cut_last=True, first_block=self.first_block) as capture, torch.enable_grad():
+            objective_value = objective(self.model, batch)
         records = [r for r in capture.records if r.last_output is not None]
         if not records:
             raise RuntimeError("the validation objective did not run the model")
         cotangents = torch.autograd.grad(objective_value, [r.last_output for r in records], allow_unused=True)
-        xs = {n: [] for n in self.linears}
-        es = {n: [] for n in self.linears}
+        if all(cot is None for cot in cotangents):
+            raise RuntimeError("the validation objective does not depend on the model outputs")
         for record, cot in zip(records, cotangents):
             if cot is None:
                 continue
             sig = rerun_scored_blocks(self.blocks, self.linears, record, cot, False, self.compute_dtype)
             for n in self.linears:
-                xs[n].append(sig.x[n].flatten(0, 1))  # (B*T, d_in)
-                es[n].append(sig.e[n].flatten(0, 1))  # (B*T, d_out)
-        if not xs[next(iter(self.linears))]:
-            raise RuntimeError("the validation objective does not depend on the model outputs")
-        target = {}
-        for name, linear in self.linears.items():
-            val_x, val_e = torch.cat(xs[name]), torch.cat(es[name])  # (N, d_in), (N, d_out)
-            keep = val_e.abs().sum(-1) > 0  # rows without error add nothing to G
-            val_x, val_e = val_x[keep], val_e[keep]
-            d_out, d_in = linear.weight.shape
-            form = "contract" if reduce is not None else self.config.target_form
-            if form == "auto":
-                form = "ghost" if val_x.shape[0] * (d_in + d_out) < d_in * d_out else "contract"
-            if form == "contract":
-                g = val_e.T @ val_x  # (d_out, d_in)
-                if reduce is not None:
-                    g = reduce(g)
-                    if not isinstance(g, torch.Tensor) or tuple(g.shape) != (d_out, d_in):
-                        raise ValueError(f"reduce must return a tensor of shape {(d_out, d_in)} for {name}")
-                target[name] = TargetDirection("contract", g, None, None)
-            else:
-                target[name] = TargetDirection("ghost", None, val_x, val_e)
-        self._target = target
-        self.refresh_proxy()
+                forms[n].add(sig.x[n].flatten(0, 1), sig.e[n].flatten(0, 1))  # (B*T, d_in), (B*T, d_out)
 
     # ---------------------------------------------------------------- scoring
     def score(self, batch: dict, example_scale: torch.Tensor | None = None, components: bool = True) -> TokenScores:
@@ -178,7 +260,7 @@ class TokenValuer:
         `components=False` computes only `total` (the four components are then None), contracting
         each weight once with the combined direction G + lam P instead of once with each."""
         labels = _batch_field(batch, "labels")
-        with BlockCapture(self.blocks, cut_last=True) as capture, torch.enable_grad():
+        with BlockCapture(self.blocks, cut_last=True, first_block=self.first_block) as capture, torch.enable_grad():
             out = self.model(
                 input_ids=_batch_field(batch, "input_ids"),
                 attention_mask=_batch_field(batch, "attention_mask"),
@@ -218,8 +300,9 @@ class TokenValuer:
         B, T = labels.shape
         if tuple(token_loss.shape) != (B, T - 1):
             raise ValueError(f"token_loss has shape {tuple(token_loss.shape)}, expected (B, T-1) = {(B, T - 1)}")
-        loss_sum = token_loss.to(torch.float64 if token_loss.dtype == torch.float64 else torch.float32).sum()
-        (cotangent,) = torch.autograd.grad(loss_sum, record.last_output, retain_graph=retain_graph)  # (B, T, d)
+        with torch.enable_grad():  # also when the caller runs under torch.no_grad()
+            loss_sum = token_loss.to(torch.float64 if token_loss.dtype == torch.float64 else torch.float32).sum()
+            (cotangent,) = torch.autograd.grad(loss_sum, record.last_output, retain_graph=retain_graph)  # (B, T, d)
         signals = rerun_scored_blocks(
             self.blocks, self.linears, record, cotangent, self.config.signal == "self", self.compute_dtype
         )
@@ -231,7 +314,7 @@ class TokenValuer:
         """x, e of every scored weight and A, c of every scored block for `batch` under the configured
         signal (what `score` contracts; exposed for inspection and tests)."""
         labels = _batch_field(batch, "labels")
-        with BlockCapture(self.blocks, cut_last=True) as capture, torch.enable_grad():
+        with BlockCapture(self.blocks, cut_last=True, first_block=self.first_block) as capture, torch.enable_grad():
             out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             token_loss = token_nll(out.logits, labels, self.compute_dtype)
         (cotangent,) = torch.autograd.grad(token_loss.sum(), capture.records[0].last_output)
@@ -257,7 +340,7 @@ class TokenValuer:
                 if cfg.use_prx_dir:
                     comp["prx_dir"] += direct_score(y, e)
                 if cfg.use_prx_cau and block_idx is not None:
-                    comp["prx_cau"] += self._causal(sig, block_idx, y)
+                    comp["prx_cau"] += self._causal(sig, name, y)
         if example_scale is not None:
             scale = torch.as_tensor(example_scale, device=device).to(self.compute_dtype)
             if tuple(scale.shape) != (B,):
@@ -313,7 +396,7 @@ class TokenValuer:
                 if y_ghost is not None:
                     y_cau = a_cau * y_ghost if y_cau is None else y_cau + a_cau * y_ghost
                 if y_cau is not None:
-                    total += self._causal(sig, block_idx, y_cau)
+                    total += self._causal(sig, name, y_cau)
         if example_scale is not None:
             scale = torch.as_tensor(example_scale, device=labels.device).to(self.compute_dtype)
             if tuple(scale.shape) != (B,):
@@ -334,9 +417,13 @@ class TokenValuer:
         if cfg.use_tgt_dir:
             comp["tgt_dir"] += direct_score(y, e) if y is not None else ghost_direct(x, e, target.val_x, target.val_e)
         if with_causal:
-            comp["tgt_cau"] += self._causal(sig, block_idx, y)
+            comp["tgt_cau"] += self._causal(sig, name, y)
 
-    def _causal(self, sig: Signals, block_idx: int, y: torch.Tensor) -> torch.Tensor:
+    def _causal(self, sig: Signals, name: str, y: torch.Tensor) -> torch.Tensor:
+        """Value-path score of the scored weight `name` (feeding v_proj), from y_p = D x_p (B, T, d_out)."""
+        block_idx = self.value_weight[name]
+        if name in self.value_maps:  # a LoRA factor: y_p -> the value change dv_p (B, T, d_v)
+            y = self.value_maps[name](y)
         ctx_err = sig.ctx_err[block_idx]  # (B, T, H, hd)
         value_dir = y.view(*y.shape[:2], -1, ctx_err.shape[-1])  # (B, T, Hkv, hd)
         return causal_band_score(sig.attn[block_idx], ctx_err, value_dir, self.config.window)

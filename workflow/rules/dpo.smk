@@ -1,8 +1,11 @@
 # The DPO route (params.yaml `routes: [..., dpo]`): warm-start SFT on the target corpus (policy
-# `full`), the Fisher of the warm-started model (the DPO reference), then one token-masked DPO run
-# per dpo.methods x dpo.seeds from it, evaluated against it, and their report. The DPO reference
-# log-probabilities are computed by each run from the warm-start before its first update and cached
-# in its output directory (`reference_losses.pt`).
+# `full`), the Fisher of the warm-started model (the DPO reference) and its log-probabilities of the
+# DPO pairs (ref_logps, once for all runs), then one token-masked DPO run per dpo.methods x dpo.seeds
+# from it, evaluated against it, and their report.
+
+# The dpo keys the reference log-probs depend on (KEYS of alphatoken/stages/ref_logps.py; checked by
+# tests/test_pipeline_dag.py): a run setting such as dpo.rho or dpo.lr does not recompute them.
+REF_LOGPS_KEYS = ("max_length", "micro_batch_size", "val_examples", "dtype", "attn_implementation")
 
 
 rule prepare_preference:
@@ -85,6 +88,33 @@ rule fisher_dpo:
         )
 
 
+rule ref_logps:
+    input:
+        code=stage_code("ref_logps"),
+        run=rules.warmstart_sft.output.run,
+        train=rules.prepare_preference.output.train,
+        val=rules.prepare_preference.output.val,
+    output:
+        ref_logps="results/dpo/ref_logps.safetensors",
+    params:
+        dpo={k: v for k, v in config["dpo"].items() if k in REF_LOGPS_KEYS},
+    log:
+        "logs/ref_logps.log",
+    benchmark:
+        "benchmarks/ref_logps.tsv"
+    threads: rule_threads("ref_logps")
+    resources:
+        **rule_resources("ref_logps"),
+    conda:
+        ENV
+    shell:
+        stage(
+            "ref_logps",
+            "dpo",
+            "--model {input.run}/final --train-data {input.train} --val-data {input.val} --out {output.ref_logps}",
+        )
+
+
 rule train_dpo:
     input:
         code=stage_code("train"),
@@ -92,11 +122,14 @@ rule train_dpo:
         train=rules.prepare_preference.output.train,
         val=rules.prepare_preference.output.val,
         fisher=rules.fisher_dpo.output.fisher,
+        fisher_prompts=rules.prepare_data.output.fisher,
+        ref_logps=rules.ref_logps.output.ref_logps,
     output:
         run=directory("results/dpo/train/{dpo_method}-{dpo_seed}"),
     params:
         dpo=run_params("dpo"),
         valuation=config["valuation"],
+        fisher=config["fisher"],  # settings of the factor Fisher of the LoRA scoring policies
     log:
         "logs/train_dpo/{dpo_method}-{dpo_seed}.log",
     benchmark:
@@ -113,7 +146,7 @@ rule train_dpo:
             "--valuation-section valuation --objective dpo --rule train_dpo --method {wildcards.dpo_method} "
             "--seed {wildcards.dpo_seed} "
             "--model {input.run}/final --train-data {input.train} --val-data {input.val} --fisher {input.fisher} "
-            "--out {output.run}",
+            "--fisher-prompts {input.fisher_prompts} --fisher-section fisher --reference-logps {input.ref_logps} --out {output.run}",
         )
 
 

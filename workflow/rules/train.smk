@@ -10,11 +10,13 @@ rule train:
         train=rules.prepare_data.output.train,
         val=rules.prepare_data.output.val,
         fisher=rules.fisher.output.fisher,
+        fisher_prompts=rules.prepare_data.output.fisher,
     output:
         run=directory("results/train/{method}-{seed}"),
     params:
         train=run_params("train"),
         valuation=config["valuation"],
+        fisher=config["fisher"],  # settings of the factor Fisher of the LoRA scoring policies
     log:
         "logs/train/{method}-{seed}.log",
     benchmark:
@@ -30,5 +32,5 @@ rule train:
             "train",
             "--valuation-section valuation --objective sft --method {wildcards.method} --seed {wildcards.seed} "
             "--model {input.model} --train-data {input.train} --val-data {input.val} --fisher {input.fisher} "
-            "--out {output.run}",
+            "--fisher-prompts {input.fisher_prompts} --fisher-section fisher --out {output.run}",
         )
