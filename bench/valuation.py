@@ -110,14 +110,15 @@ def run_training(args, mode: str, model) -> dict:
                 weights = loss_positions(mb["labels"]).float()
                 t1 = t2 = time.perf_counter()
             else:
-                with valuer.capture():
+                with valuer.capture(share_head=True):
                     out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False)
                 token_loss = token_nll(out.logits, mb["labels"])  # (b, T-1)
                 t1 = time.perf_counter()
                 scores = valuer.score_captured(mb, token_loss, components=False)  # as the training loop does
                 weights = top_rho_mask(to_loss_positions(scores.total), loss_positions(mb["labels"]), args.rho).float()
                 t2 = time.perf_counter()
-            masked_sft_loss(token_loss, weights, normalizer=n_tokens).backward()
+            loss = masked_sft_loss(token_loss, weights, normalizer=n_tokens)
+            valuer.backward(loss, token_loss) if valuer is not None else loss.backward()  # as the training loop does
             t3 = time.perf_counter()
             t["forward_backward"] += (t1 - t0) + (t3 - t2)
             t["scoring"] += t2 - t1

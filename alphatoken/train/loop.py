@@ -6,6 +6,8 @@ One optimizer step:
 2. each micro-batch: forward (inside `valuer.capture()` when scoring), per-position NLL, token values
    from the same graph, detached weights from the policy, then backward of the *unnormalised* sum
    `sum_p w_p l_p` (SFT) or `sum_pairs omega_sg (sum_p m+ l+ - sum_p m- l-)` (Alpha-DPO, Eq. 14);
+   when scoring, that backward is `valuer.backward`: the same gradients, reusing the head-input
+   gradient d l_p / d u_p that scoring computed instead of back-propagating through the head twice;
 3. the accumulated gradient is summed over processes and divided by the step's normaliser K:
    SFT: K = sum of weights (kept tokens) over all micro-batches of the step on all processes, so the
    update is the gradient of the mean loss over the step's kept tokens, independent of how the global
@@ -342,7 +344,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                     batch = _to(collate_pairs([features[i] for i in chunk], pad_id), device)
                 else:
                     batch = _to(collate([features[i] for i in chunk], pad_id), device)
-                capture = valuer.capture() if valuer is not None else contextlib.nullcontext()
+                capture = valuer.capture(share_head=True) if valuer is not None else contextlib.nullcontext()
                 with autocast, capture:
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
                 token_loss = token_nll(logits, batch["labels"])  # (B, T-1), graph
@@ -387,7 +389,10 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                 if not torch.isfinite(loss_sum):
                     acc[5] += 1
                     break
-                loss_sum.backward()
+                if valuer is not None:  # the same gradients, without the head's input gradient a second time
+                    valuer.backward(loss_sum, token_loss)
+                else:
+                    loss_sum.backward()
                 acc[0] += float(loss_sum.detach())
                 acc[1] += float(kept)
                 acc[2] += float(valid.sum())

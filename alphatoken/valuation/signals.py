@@ -121,6 +121,48 @@ class BlockCapture:
         return None
 
 
+class HeadCut:
+    """Makes the input of the output embedding (the LM head) a fresh leaf during one training forward,
+    so that the training backward can start below the head. Scoring needs g_p = d l_p / d u_p for
+    every position (u_p the head input; the head is position-wise), and the masked loss's gradient
+    at the head input is then (dL/dl_p) g_p: `TokenValuer.backward` sends that into the blocks and
+    back-propagates the loss only to the head's own weights, instead of running the head's input
+    gradient (a (V x d) product per token) a second time. A plain `loss.backward()` after such a
+    forward would leave the blocks without gradient; the leaf raises if anything accumulates into it."""
+
+    def __init__(self, head: nn.Module | None):
+        self.head = head
+        self.input: torch.Tensor | None = None  # (B, T, d) head input in the forward graph
+        self.leaf: torch.Tensor | None = None  # (B, T, d) the detached copy the head computes from
+        self.handle = None
+
+    def __enter__(self):
+        if self.head is not None:
+            self.handle = self.head.register_forward_pre_hook(self._pre_hook)
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        return False
+
+    def _pre_hook(self, module, args):
+        hidden = args[0]
+        if self.leaf is not None or not hidden.requires_grad:  # first call with a graph only
+            return None
+        self.input = hidden
+        self.leaf = hidden.detach().requires_grad_(True)
+        self.leaf.register_post_accumulate_grad_hook(_refuse_plain_backward)
+        return (self.leaf, *args[1:])
+
+
+def _refuse_plain_backward(tensor):
+    raise RuntimeError(
+        "this forward ran inside `valuer.capture(share_head=True)`, whose head input is cut from the "
+        "blocks: back-propagate the loss with `valuer.backward(loss, token_loss)`, not `loss.backward()`")
+
+
 def _is_projection(module) -> bool:
     return isinstance(module, nn.Linear) or is_lora_layer(module)
 

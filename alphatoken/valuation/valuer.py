@@ -10,6 +10,11 @@ proxy (METHOD.md). Usage::
     token_loss = ...                       # (B, T-1) per-position NLL from out.logits
     scores = valuer.score_captured(batch, token_loss)   # then backward the masked loss as usual
 
+    with valuer.capture(share_head=True):  # the training loop's form: the LM head's input gradient,
+        out = model(...)                   # computed by scoring, is reused by the backward
+    scores = valuer.score_captured(batch, token_loss)
+    valuer.backward(loss, token_loss)      # = loss.backward(), one (V x d) product per token cheaper
+
 The naive equivalent of `score` (tests/bruteforce.py) materialises, for every position p, the
 per-position weight gradient e_p (x) x_p of every scored weight and Frobenius-dots it with G and P;
 here only activations, errors and attention probabilities of the last K blocks are used.
@@ -23,6 +28,7 @@ v_p by dv_p = s B (D x_p) for D on A (x_p the input of `lora_A`) and dv_p = s D 
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -42,7 +48,7 @@ from alphatoken.valuation.scores import (
     ghost_direction,
     token_nll,
 )
-from alphatoken.valuation.signals import BlockCapture, ForwardRecord, Signals, attention_module, rerun_scored_blocks
+from alphatoken.valuation.signals import BlockCapture, ForwardRecord, HeadCut, Signals, attention_module, rerun_scored_blocks
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,8 @@ class TokenValuer:
         self._target: dict[str, TargetDirection] | None = None
         self._proxy: dict[str, torch.Tensor] | None = None
         self._captured: list[ForwardRecord] | None = None
+        self._head: HeadCut | None = None  # the head cut of the last `capture(share_head=True)`
+        self._head_grad: torch.Tensor | None = None  # (B, T, d) g_p = d l_p / d u_p, from its scoring
         register_attention()
         self.refresh_proxy()
 
@@ -270,15 +278,46 @@ class TokenValuer:
         return self._score_records(capture.records, token_loss, batch, example_scale, retain_graph=False, components=components)
 
     @contextmanager
-    def capture(self):
-        """Observe the ordinary training forward run inside the block (hooks exist only inside)."""
+    def capture(self, share_head: bool = False):
+        """Observe the ordinary training forward run inside the block (hooks exist only inside).
+        `share_head=True` also cuts the LM head's input from the blocks (`HeadCut`): scoring computes
+        d l_p / d(head input) anyway, and `backward(loss, token_loss)` reuses it so the training
+        backward skips the head's input gradient; `loss.backward()` is then refused."""
         self._captured = None
+        self._head = self._head_grad = None
         capture = BlockCapture(self.blocks, cut_last=False)
+        head = HeadCut(self.model.get_output_embeddings()) if share_head else None
         try:
-            with capture:
+            with capture, (head if head is not None else contextlib.nullcontext()):
                 yield self
         finally:
             self._captured = capture.records
+            self._head = head if head is not None and head.leaf is not None else None
+
+    def backward(self, loss: torch.Tensor, token_loss: torch.Tensor) -> None:
+        """`loss.backward()` for a forward observed by `capture(share_head=True)`, with the same
+        gradients: with u_p the head input and l_p = token_loss[:, p] (computed from the logits at
+        position p only), dL/du_p = (dL/dl_p) d l_p/du_p. The second factor comes from scoring (or is
+        computed here); the product is back-propagated through the blocks, and `loss` only to the
+        parameters above the cut (the head's weight). `loss` may be any function of token_loss
+        (masked SFT sum, Alpha-DPO); gradients accumulate into `.grad` as with `loss.backward()`."""
+        head, g_head = self._head, self._head_grad
+        self._head = self._head_grad = None
+        if head is None:
+            raise RuntimeError("backward needs a forward run inside `with valuer.capture(share_head=True):`")
+        with torch.enable_grad():
+            if g_head is None:
+                (g_head,) = torch.autograd.grad(token_loss.sum(), head.leaf, retain_graph=True)  # (B, T, d)
+            (dloss,) = torch.autograd.grad(loss, token_loss, retain_graph=True, allow_unused=True)  # (B, T-1)
+            if dloss is None:
+                dloss = torch.zeros_like(token_loss)
+            B, T = head.leaf.shape[:2]
+            if tuple(dloss.shape) != (B, T - 1):
+                raise ValueError(f"token_loss has shape {tuple(dloss.shape)}, expected (B, T-1) = {(B, T - 1)}")
+            scale = torch.nn.functional.pad(dloss, (0, 1)).unsqueeze(-1)  # (B, T, 1); the last position has no loss
+            above = [p for p in self.model.parameters() if p.requires_grad]
+            torch.autograd.backward(loss, inputs=above)  # reaches only the weights above the cut (the head)
+            head.input.backward((scale.to(g_head.dtype) * g_head).to(head.input.dtype))  # the blocks
 
     def score_captured(self, batch: dict, token_loss: torch.Tensor, example_scale: torch.Tensor | None = None,
                        components: bool = True) -> TokenScores:
@@ -300,9 +339,15 @@ class TokenValuer:
         B, T = labels.shape
         if tuple(token_loss.shape) != (B, T - 1):
             raise ValueError(f"token_loss has shape {tuple(token_loss.shape)}, expected (B, T-1) = {(B, T - 1)}")
+        head = self._head if retain_graph else None  # the head cut of this captured forward, if any
         with torch.enable_grad():  # also when the caller runs under torch.no_grad()
             loss_sum = token_loss.to(torch.float64 if token_loss.dtype == torch.float64 else torch.float32).sum()
-            (cotangent,) = torch.autograd.grad(loss_sum, record.last_output, retain_graph=retain_graph)  # (B, T, d)
+            if head is None:
+                (cotangent,) = torch.autograd.grad(loss_sum, record.last_output, retain_graph=retain_graph)  # (B, T, d)
+            else:  # through the cut: g_p = d l_p / d u_p at the head input, kept for `backward`
+                (g_head,) = torch.autograd.grad(loss_sum, head.leaf, retain_graph=True)  # (B, T, d)
+                (cotangent,) = torch.autograd.grad(head.input, record.last_output, g_head, retain_graph=True)  # (B, T, d)
+                self._head_grad = g_head
         signals = rerun_scored_blocks(
             self.blocks, self.linears, record, cotangent, self.config.signal == "self", self.compute_dtype
         )
