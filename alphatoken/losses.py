@@ -32,22 +32,43 @@ def to_loss_positions(token_values: torch.Tensor) -> torch.Tensor:
     return token_values[:, 1:]  # (B, T-1)
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+class _ShiftedNLL(torch.autograd.Function):
+    """l[b, p] = logsumexp(z[b, p]) - z[b, p, y[b, p]] (0 where y = -100), from the logits z [B, T, V]
+    themselves: no shifted copy of the logits and no stored log-softmax. Backward forms one [B, T, V]
+    tensor, g (softmax - onehot), where autograd's cross-entropy forms three (the scatter target, the
+    log-softmax gradient, the gradient of the shifted slice)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, dtype):
+        z = logits.to(dtype)  # (B, T, V); no copy when already in dtype
+        lse = torch.logsumexp(z, dim=-1)  # (B, T)
+        valid = targets != IGNORE_INDEX  # (B, T)
+        safe = targets.clamp_min(0).unsqueeze(-1)  # (B, T, 1)
+        nll = (lse - z.gather(-1, safe).squeeze(-1)) * valid  # (B, T)
+        ctx.save_for_backward(logits, lse, safe, valid)
+        ctx.dtype = dtype
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, lse, safe, valid = ctx.saved_tensors
+        g = (grad * valid).unsqueeze(-1)  # (B, T, 1), 0 where ignored
+        out = torch.exp(logits.to(ctx.dtype) - lse.unsqueeze(-1))  # (B, T, V) softmax
+        out.scatter_add_(-1, safe, torch.full_like(g, -1.0))  # softmax - onehot
+        out.mul_(g)
+        return out.to(logits.dtype), None, None
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-position negative log-likelihood `l_p = -log pi(labels[p+1] | input_ids[<=p])`.
 
-    logits: `[B, T, V]`, labels: `[B, T]` (-100 ignored). Returns `[B, T-1]`, 0 where ignored, in at
-    least float32 (bf16/fp16 logits are upcast before the log-softmax)."""
-    shift_logits = logits[:, :-1, :]  # (B, T-1, V)
-    if shift_logits.dtype in (torch.float16, torch.bfloat16):
-        shift_logits = shift_logits.float()
-    shift_labels = labels[:, 1:]  # (B, T-1)
-    nll = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )  # (B*(T-1),)
-    return nll.view(shift_labels.shape)  # (B, T-1), 0 where ignored
+    logits: `[B, T, V]`, labels: `[B, T]` (-100 ignored). Returns `[B, T-1]`, 0 where ignored, in
+    `dtype` (default: at least float32; bf16/fp16 logits are upcast). Equal to cross-entropy on the
+    shifted logits (tested), computed without copying them (`_ShiftedNLL`)."""
+    if dtype is None:
+        dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): the last position predicts nothing
+    return _ShiftedNLL.apply(logits, targets, dtype)[:, :-1]  # (B, T-1)
 
 
 def kept_count(n_valid: int, rho: float) -> int:

@@ -46,6 +46,38 @@ def test_token_nll_matches_loop():
     assert torch.equal(loss_positions(labels), labels[:, 1:] != -100)
 
 
+def test_token_nll_gradient_is_cross_entropys():
+    """The fused backward (softmax - onehot, one [B, T, V] tensor) against autograd through
+    cross-entropy on the shifted logits, float64, ignored positions included; and torch's gradcheck."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 7), generator=g)
+    labels[0, :3] = -100
+    labels[2, -2:] = -100
+    weights = torch.randn(3, 6, dtype=torch.float64, generator=g)
+    reference = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100,
+                                reduction="none").view(3, 6)
+    got = token_nll(logits, labels)
+    assert (got - reference).abs().max() < 1e-12
+    (expected,) = torch.autograd.grad((reference * weights).sum(), logits)
+    (grad,) = torch.autograd.grad((got * weights).sum(), logits)
+    assert (grad - expected).abs().max() < 1e-12 and expected.abs().max() > 0.1
+    assert torch.count_nonzero(grad[:, -1]) == 0 and torch.count_nonzero(grad[0, :2]) == 0  # nothing read there
+    assert torch.autograd.gradcheck(lambda z: token_nll(z, labels), (logits,))
+
+
+def test_token_nll_upcasts_half_precision_logits():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 13, generator=g).to(torch.bfloat16).requires_grad_(True)
+    labels = torch.randint(0, 13, (2, 5), generator=g)
+    got = token_nll(logits, labels)
+    assert got.dtype == torch.float32
+    reference = F.cross_entropy(logits[:, :-1].float().reshape(-1, 13), labels[:, 1:].reshape(-1), reduction="none")
+    assert torch.allclose(got.reshape(-1), reference, atol=1e-6)
+    (grad,) = torch.autograd.grad(got.sum(), logits)
+    assert grad.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("n,rho,k", [(10, 0.3, 3), (10, 0.5, 5), (7, 0.5, 4), (3, 0.1, 1), (5, 1.0, 5), (1, 0.01, 1), (100, 0.07, 7)])
 def test_kept_count_is_ceil(n, rho, k):
     assert kept_count(n, rho) == k

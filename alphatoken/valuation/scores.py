@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from alphatoken.losses import token_nll as shifted_nll
+
 
 def contract_direction(x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """y_p = D x_p for a parameter-space direction D (G or P) of a linear. x (B, T, d_in),
@@ -58,8 +60,4 @@ def align_with_labels(per_position: torch.Tensor, labels: torch.Tensor) -> torch
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """l_p = -log pi(labels[p+1] | <= p), 0 where labels[p+1] == -100. logits (B, T, V) -> (B, T-1)."""
-    targets = labels[:, 1:]  # (B, T-1)
-    valid = targets != -100
-    logp = torch.log_softmax(logits[:, :-1].to(dtype), dim=-1)  # (B, T-1, V)
-    nll = -logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return nll * valid
+    return shifted_nll(logits, labels, dtype)
