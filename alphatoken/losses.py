@@ -53,7 +53,7 @@ class _ShiftedNLL(torch.autograd.Function):
     def backward(ctx, grad):
         logits, lse, safe, valid = ctx.saved_tensors
         g = (grad * valid).unsqueeze(-1)  # (B, T, 1), 0 where ignored
-        out = torch.exp(logits.to(ctx.dtype) - lse.unsqueeze(-1))  # (B, T, V) softmax
+        out = torch.sub(logits.to(ctx.dtype), lse.unsqueeze(-1)).exp_()  # (B, T, V) softmax, the one new tensor
         out.scatter_add_(-1, safe, torch.full_like(g, -1.0))  # softmax - onehot
         out.mul_(g)
         return out.to(logits.dtype), None, None
