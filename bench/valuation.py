@@ -10,8 +10,9 @@ prints the table and the ratios:
 1. `plain`: a plain SFT optimizer step (global batch, micro-batches with gradient accumulation).
    `alpha-self` / `alpha-total`: the same step with AlphaToken at the given K, W: the validation
    gradient G refreshed once per optimizer step (`--refresh-every r` refreshes it every r steps and
-   is reported on its own), every micro-batch observed with `valuer.capture()`, scored with
-   `score_captured`, masked to the top rho of Phi, then the masked loss backward.
+   is reported on its own), every micro-batch observed with `valuer.capture(share_head=True)`, scored
+   with `score_captured`, masked to the top rho of Phi, then the masked loss's `valuer.backward`
+   (as the training loop does: the head-input gradient from scoring is reused).
 2. `score`: `TokenValuer.score` of one sequence of `--naive-seq-len` tokens (all four components)
    against `naive`: the per-token autograd loop (one forward, then for each response position p the
    grad of l_p w.r.t. the scored weights, then <grad, G> + lam <grad, P>). The loop is timed on
