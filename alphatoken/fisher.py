@@ -544,22 +544,28 @@ def _deterministic_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[
     return len(text).to_bytes(8, "little") + text + blob[8 + n:]
 
 
-def read_fisher_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of a Fisher file (strings, see `save_fisher`)."""
+def read_safetensors_metadata(path: str | Path, fmt: str, error: type[Exception], what: str, writer: str) -> dict[str, str]:
+    """The metadata of a safetensors file written by `writer` with format tag `fmt` (strings); raises
+    FileNotFoundError, or `error` naming the file and the field when it is not such a file."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: Fisher file not found")
+        raise FileNotFoundError(f"{path}: {what} file not found")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-    except Exception as error:  # not a safetensors file at all
-        raise FisherMismatchError(f"{path}: not a readable safetensors file ({error})") from error
-    if metadata.get("format") != FORMAT:
-        raise FisherMismatchError(f"{path}: field 'format': expected {FORMAT!r}, found {metadata.get('format')!r} "
-                                  "(not a Fisher written by alphatoken.fisher.save_fisher)")
+    except Exception as err:  # not a safetensors file at all
+        raise error(f"{path}: not a readable safetensors file ({err})") from err
+    if metadata.get("format") != fmt:
+        raise error(f"{path}: field 'format': expected {fmt!r}, found {metadata.get('format')!r} ({writer})")
     return metadata
+
+
+def read_fisher_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a Fisher file (strings, see `save_fisher`)."""
+    return read_safetensors_metadata(path, FORMAT, FisherMismatchError, "Fisher",
+                                     "not a Fisher written by alphatoken.fisher.save_fisher")
 
 
 def load_fisher(path: str | Path, model: nn.Module, cfg: FisherConfig | None = None) -> dict[str, torch.Tensor]:

@@ -49,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alphatoken import __version__
-from alphatoken.fisher import _deterministic_safetensors  # sorted-header safetensors: byte-identical reruns
+from alphatoken.fisher import _deterministic_safetensors, read_safetensors_metadata  # sorted-header safetensors: byte-identical reruns
 from alphatoken.losses import token_nll
 from alphatoken.models import weights_fingerprint
 from alphatoken.train.data import as_batch, collate, collate_pairs, encode_dataset, pad_token_id
@@ -211,20 +211,8 @@ def save_reference_logps(path: str | Path, reference: ReferenceLogps) -> Path:
 
 def read_reference_metadata(path: str | Path) -> dict[str, str]:
     """The metadata of a reference file (strings); ReferenceMismatchError when it is not one."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: reference log-probs file not found")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as error:  # not a safetensors file at all
-        raise ReferenceMismatchError(f"{path}: not a readable safetensors file ({error})") from error
-    if metadata.get("format") != FORMAT:
-        raise ReferenceMismatchError(f"{path}: field 'format': expected {FORMAT!r}, found {metadata.get('format')!r} "
-                                     "(not written by alphatoken.train.reference.save_reference_logps)")
-    return metadata
+    return read_safetensors_metadata(path, FORMAT, ReferenceMismatchError, "reference log-probs",
+                                     "not written by alphatoken.train.reference.save_reference_logps")
 
 
 def load_reference_logps(path: str | Path, model, features: list[dict], val_batch: dict | None, max_length: int,
