@@ -24,6 +24,7 @@ from alphatoken.fisher import (
     stop_token_ids,
 )
 from alphatoken.models import build_tiny_model
+from conftest import BATCHING_TOL
 
 ARCHS = ("llama", "qwen2", "gemma3")
 
@@ -210,7 +211,7 @@ def test_sampled_fisher_does_not_depend_on_batch_size(tokenizer):
     one = compute_fisher(model, tokenizer, prompts, base, progress=False)
     for batch_size in (4, 7):
         assert_close(compute_fisher(model, tokenizer, prompts, dataclasses.replace(base, batch_size=batch_size),
-                                    progress=False), one, tol=1e-10)
+                                    progress=False), one, tol=BATCHING_TOL)
     other_seed = compute_fisher(model, tokenizer, prompts, dataclasses.replace(base, seed=8), progress=False)
     assert any(not torch.allclose(other_seed[n], one[n]) for n in one)
 
@@ -242,7 +243,8 @@ def test_per_sample_square_is_not_the_square_of_the_batch_gradient(tokenizer):
         per_sample = g.square().mean(0)
         batch_square = g.sum(0).square() / n  # one batch of N, its gradient squared
         pairs_square = (g[0::2].sum(0).square() + sum(x.square() for x in g[1::2])) / n  # batches of 1 and 2
-        assert torch.allclose(fisher[name], per_sample, rtol=1e-9, atol=0)
+        # batch of 4 against one sample at a time: float32 precision (conftest.BATCHING_TOL)
+        assert (fisher[name] - per_sample).norm() <= BATCHING_TOL * per_sample.norm(), name
         assert (per_sample - g.mean(0).square() >= -1e-15).all()  # E[g^2] >= E[g]^2: the variance
         assert (fisher[name] - batch_square).norm() > 0.3 * fisher[name].norm(), name
         assert (batch_square - pairs_square).norm() > 0.1 * batch_square.norm(), name
