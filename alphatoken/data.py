@@ -598,21 +598,23 @@ class Splits:
     fisher: list  # D_ref^Fisher: examples whose prompts build the Monte-Carlo Fisher
     seed: int  # seed of the draw
     stats: dict  # input size, duplicates removed, examples removed for sharing a held-out prompt
+    test: list = field(default_factory=list)  # D_tgt^test: held out from everything, for the target metrics
 
 
-def make_splits(examples: list, n_val: int, n_fisher: int, seed: int) -> Splits:
-    """Draw the §5.1 hold-outs before training.
+def make_splits(examples: list, n_val: int, n_fisher: int, seed: int, n_test: int = 0) -> Splits:
+    """Draw the §5.1 hold-outs, and a test hold-out for the target metrics, before training.
 
     1. Exact duplicates (same `content_key`) are removed, keeping the smallest id; counted.
     2. Examples are grouped by prompt; the groups are ordered by prompt hash and shuffled with
        `random.Random(seed)`. The first `n_val` groups give one example each to `val`, the next
-       `n_fisher` one each to `fisher` (the smallest content hash of the group); the other examples
-       of held-out groups are removed and counted, so no training example shares a prompt with a
-       held-out one. The rest is `train`, in the shuffled order.
+       `n_fisher` one each to `fisher`, the next `n_test` one each to `test` (the smallest content
+       hash of the group); the other examples of held-out groups are removed and counted, so no
+       training example shares a prompt with a held-out one. The rest is `train`, in the shuffled
+       order. `test` is drawn after the others, so adding it leaves `val` and `fisher` as they were.
     The result depends only on the set of examples and the seed, not on their input order.
     """
-    if n_val < 0 or n_fisher < 0:
-        raise ValueError("n_val and n_fisher must be >= 0")
+    if n_val < 0 or n_fisher < 0 or n_test < 0:
+        raise ValueError("n_val, n_fisher and n_test must be >= 0")
     unique: dict = {}
     for example in examples:
         key = content_key(example)
@@ -622,13 +624,15 @@ def make_splits(examples: list, n_val: int, n_fisher: int, seed: int) -> Splits:
     for key in sorted(unique):
         groups.setdefault(prompt_key(unique[key]), []).append(unique[key])  # members sorted by content hash
     order = sorted(groups)
-    if n_val + n_fisher >= len(order):
-        raise ValueError(f"need more than n_val + n_fisher = {n_val + n_fisher} distinct prompts, have {len(order)}")
+    held = n_val + n_fisher + n_test
+    if held >= len(order):
+        raise ValueError(f"need more than n_val + n_fisher + n_test = {held} distinct prompts, have {len(order)}")
     random.Random(seed).shuffle(order)
     val = [groups[k][0] for k in order[:n_val]]
     fisher = [groups[k][0] for k in order[n_val:n_val + n_fisher]]
-    held_out_extra = sum(len(groups[k]) - 1 for k in order[: n_val + n_fisher])
-    train = [e for k in order[n_val + n_fisher:] for e in groups[k]]
+    test = [groups[k][0] for k in order[n_val + n_fisher:held]]
+    held_out_extra = sum(len(groups[k]) - 1 for k in order[:held])
+    train = [e for k in order[held:] for e in groups[k]]
     stats = {
         "input": len(examples),
         "duplicates_removed": len(examples) - len(unique),
@@ -637,8 +641,12 @@ def make_splits(examples: list, n_val: int, n_fisher: int, seed: int) -> Splits:
         "train": len(train),
         "val": len(val),
         "fisher": len(fisher),
+        "test": len(test),
     }
-    return Splits(train, val, fisher, seed, stats)
+    return Splits(train, val, fisher, seed, stats, test)
+
+
+SPLIT_NAMES = ("train", "val", "fisher", "test")  # the files `write_splits` writes
 
 
 def _write_jsonl(path: Path, examples: list) -> str:
@@ -648,23 +656,23 @@ def _write_jsonl(path: Path, examples: list) -> str:
 
 
 def write_splits(splits: Splits, out_dir, extra_manifest: dict | None = None) -> dict:
-    """Write train.jsonl, val.jsonl, fisher.jsonl and manifest.json (counts, SHA-256 of each file,
-    seed, split statistics, examples per source, and `extra_manifest`, e.g.
+    """Write train.jsonl, val.jsonl, fisher.jsonl, test.jsonl and manifest.json (counts, SHA-256 of
+    each file, seed, split statistics, examples per source, and `extra_manifest`, e.g.
     `{"inputs": [load_result.manifest()], "encode_drops": ...}`). Byte-identical
-    for identical inputs. Returns {"train"|"val"|"fisher"|"manifest": Path}."""
+    for identical inputs. Returns {"train"|"val"|"fisher"|"test"|"manifest": Path}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths, hashes = {}, {}
-    for name in ("train", "val", "fisher"):
+    for name in SPLIT_NAMES:
         paths[name] = out / f"{name}.jsonl"
         hashes[paths[name].name] = _write_jsonl(paths[name], getattr(splits, name))
     manifest = {
         "seed": splits.seed,
-        "counts": {name: len(getattr(splits, name)) for name in ("train", "val", "fisher")},
+        "counts": {name: len(getattr(splits, name)) for name in SPLIT_NAMES},
         "stats": splits.stats,
         "sha256": hashes,
         "sources": {name: dict(sorted(Counter(e.source for e in getattr(splits, name)).items()))
-                    for name in ("train", "val", "fisher")},
+                    for name in SPLIT_NAMES},
         **(extra_manifest or {}),
     }
     paths["manifest"] = out / "manifest.json"

@@ -383,13 +383,34 @@ def test_splits_disjoint_and_counted(tmp_path):
     assert stats["duplicates_removed"] == 5
     assert stats["train"] + stats["val"] + stats["fisher"] + stats["removed_sharing_heldout_prompt"] == len(examples) - 5
     manifest = json.loads(write_splits(splits, tmp_path)["manifest"].read_text())
-    assert manifest["counts"] == {"train": stats["train"], "val": 4, "fisher": 8} and manifest["seed"] == 3
+    assert manifest["counts"] == {"train": stats["train"], "val": 4, "fisher": 8, "test": 0} and manifest["seed"] == 3
     assert manifest["sources"]["val"] == {"unit": 4}
     import hashlib
     assert manifest["sha256"]["val.jsonl"] == hashlib.sha256((tmp_path / "val.jsonl").read_bytes()).hexdigest()
     assert read_split(tmp_path / "train.jsonl") == splits.train
     with pytest.raises(ValueError, match="distinct prompts"):
         make_splits(examples[:10], 5, 5, seed=0)
+
+
+def test_test_hold_out_is_disjoint_and_leaves_the_other_hold_outs_unchanged(tmp_path):
+    examples = corpus()
+    without = make_splits(examples, 4, 8, seed=3)
+    splits = make_splits(examples, 4, 8, seed=3, n_test=6)
+    assert splits.val == without.val and splits.fisher == without.fisher  # drawn after them
+    assert len(splits.test) == 6
+    prompts = {name: {prompt_key(e) for e in getattr(splits, name)} for name in ("train", "val", "fisher", "test")}
+    for other in ("train", "val", "fisher"):
+        assert not prompts["test"] & prompts[other], other
+    # the test examples (and any example sharing their prompts) left the training pool, counted
+    assert {prompt_key(e) for e in without.train} - prompts["train"] == prompts["test"]
+    removed = splits.stats["removed_sharing_heldout_prompt"] - without.stats["removed_sharing_heldout_prompt"]
+    assert len(without.train) - len(splits.train) == 6 + removed
+    paths = write_splits(splits, tmp_path)
+    manifest = json.loads(paths["manifest"].read_text())
+    assert manifest["counts"]["test"] == 6 and manifest["stats"]["test"] == 6
+    assert read_split(paths["test"]) == splits.test
+    with pytest.raises(ValueError, match="n_val \\+ n_fisher \\+ n_test = 70"):
+        make_splits(examples, 4, 8, seed=3, n_test=58)
 
 
 def test_read_split_reports_bad_line(tmp_path):

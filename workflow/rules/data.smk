@@ -1,4 +1,4 @@
-# The offline target corpus and the hold-outs drawn from it before any training.
+# The offline target corpus and the hold-outs (validation, Fisher, test) drawn from it before any training.
 
 
 rule build_corpus:
@@ -31,6 +31,7 @@ rule prepare_data:
         train="results/data/train.jsonl",
         val="results/data/val.jsonl",
         fisher="results/data/fisher.jsonl",
+        test="results/data/test.jsonl",
         manifest="results/data/manifest.json",
     params:
         data=config["data"],

@@ -16,6 +16,7 @@ rule prepare_preference:
         train="results/dpo/data/train.jsonl",
         val="results/dpo/data/val.jsonl",
         fisher="results/dpo/data/fisher.jsonl",
+        test="results/dpo/data/test.jsonl",
         manifest="results/dpo/data/manifest.json",
     params:
         preference_data=config["preference_data"],
