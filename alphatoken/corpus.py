@@ -110,6 +110,8 @@ def _function_example(node, lines: list, module: str, cls: str | None, min_doc_c
         return None, "short_docstring"
     if max_doc_chars and len(doc) > max_doc_chars:
         return None, "long_docstring"
+    if "\x00" in doc:  # an escape such as "\0" in the docstring: the loaders refuse NUL characters
+        return None, "nul_in_docstring"
     source_lines = lines[node.lineno - 1: node.end_lineno]
     body, reason = _strip_docstring(source_lines, node, node.lineno)
     if body is None:

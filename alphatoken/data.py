@@ -5,12 +5,17 @@ excluded from it.
 
 Nothing is dropped silently: every skipped line or example is counted per reason in a
 :class:`DropLog` (with the first few `file:line` locations) that ends up in the split manifest.
+
+Also here, because this module imports nothing else of the package (so every config can import it):
+:class:`ConfigError` and the value checks the config dataclasses share (`check_number`, `check_int`,
+`check_choice`, `check_bool`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -62,6 +67,75 @@ class DataError(ValueError):
     """Bad input; the message names the file (or dataset), the line (or row) and the field."""
 
 
+class ConfigError(ValueError):
+    """A setting of a config dataclass that cannot be used. `field` names the setting in a
+    machine-readable way, so a front end that knows where each value came from (the pipeline's
+    parameter files) can point at the value's own file and line; `message` says what is wrong."""
+
+    def __init__(self, field: str, message: str, owner: str = ""):
+        super().__init__(f"{owner}.{field}: {message}" if owner else f"{field}: {message}")
+        self.field = field  # the dataclass field whose value is refused
+        self.message = message  # what is wrong with it, without the field's name
+        self.owner = owner  # the dataclass, e.g. "TrainConfig"
+
+
+# Checks shared by the config dataclasses' `__post_init__` (TrainConfig, ValuationConfig, PolicyConfig,
+# FisherConfig, DataLimits). Every float setting must be a finite real number in its range: `.inf` or
+# `.nan` from a YAML file would otherwise pass a comparison such as `lr > 0` (inf) or fail every later
+# one silently (nan).
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _interval(low, high, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return ""
+
+
+def check_number(owner: str, field: str, value, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
+    """ConfigError unless `value` is a finite int or float (not a bool) in the interval
+    (`low`, `high`; open ends where `low_open` / `high_open`), or None when `optional`."""
+    if optional and value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        what = " ".join(filter(None, ["a finite number", _interval(low, high, low_open, high_open)]))
+        raise ConfigError(field, f"expected {'None or ' if optional else ''}{what}, got {value!r}", owner)
+
+
+def check_int(owner: str, field: str, value, low: int | None = None, *, optional: bool = False) -> None:
+    """ConfigError unless `value` is an int (not a bool) >= `low`, or None when `optional`."""
+    if optional and value is None:
+        return
+    if not _is_int(value) or (low is not None and value < low):
+        what = "an integer" + (f" >= {low}" if low is not None else "")
+        raise ConfigError(field, f"expected {'None or ' if optional else ''}{what}, got {value!r}", owner)
+
+
+def check_choice(owner: str, field: str, value, choices: tuple) -> None:
+    """ConfigError unless `value` is one of `choices`."""
+    if isinstance(value, bool) or value not in choices:
+        raise ConfigError(field, f"expected one of {list(choices)}, got {value!r}", owner)
+
+
+def check_bool(owner: str, field: str, value) -> None:
+    """ConfigError unless `value` is True or False."""
+    if not isinstance(value, bool):
+        raise ConfigError(field, f"expected true or false, got {value!r}", owner)
+
+
 class FieldError(ValueError):
     """A record-level problem before it is located in a file: `reason` is the drop-count key."""
 
@@ -90,10 +164,9 @@ class DataLimits:
     max_drop_examples: int = 5  # how many "file:line" locations to keep per drop reason
 
     def __post_init__(self):
-        if self.on_error not in ("raise", "drop"):
-            raise ValueError(f"DataLimits.on_error must be 'raise' or 'drop', got {self.on_error!r}")
-        if self.min_response_chars < 0 or self.max_response_chars < 0 or self.max_examples < 0:
-            raise ValueError("DataLimits: character and example limits must be >= 0")
+        check_choice("DataLimits", "on_error", self.on_error, ("raise", "drop"))
+        for name in ("min_response_chars", "max_response_chars", "max_examples", "max_drop_examples"):
+            check_int("DataLimits", name, getattr(self, name), 0)
 
 
 @dataclass
@@ -257,6 +330,9 @@ def preference_from_row(row: dict, ident: str, source: str, limits: DataLimits) 
     source = row["source"] if isinstance(row.get("source"), str) else source
     chosen_prompt, chosen = _response_from(_require(row, "chosen"), "chosen", limits)
     rejected_prompt, rejected = _response_from(_require(row, "rejected"), "rejected", limits)
+    if chosen.strip() == rejected.strip():  # chat templates may trim the content: the same tokens either way
+        raise FieldError("identical_responses", "rejected", "equals `chosen` (up to surrounding whitespace): "
+                         "the pair carries no preference signal")
     if chosen_prompt is not None and chosen_prompt:
         prompt = chosen_prompt
         _check_prompt(prompt, "chosen")
@@ -278,6 +354,58 @@ def preference_from_row(row: dict, ident: str, source: str, limits: DataLimits) 
 RowMapper = Callable[[dict, str, str, DataLimits], Example]
 
 
+class _DuplicateKeys(dict):
+    """A JSON object that named some key more than once (`duplicates`); JSON keeps only the last."""
+
+    duplicates: list
+
+
+def _object_pairs(pairs: list) -> dict:
+    """`json.loads` object hook: a plain dict, or a `_DuplicateKeys` recording the repeated keys."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    seen, repeated = set(), []
+    for key, _ in pairs:
+        if key in seen and key not in repeated:
+            repeated.append(key)
+        seen.add(key)
+    obj = _DuplicateKeys(obj)
+    obj.duplicates = repeated
+    return obj
+
+
+def _child(path: str, key) -> str:
+    return f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
+
+
+def row_problem(row, path: str = "") -> FieldError | None:
+    """The first value of a parsed row (in document order) that no record may hold, as a FieldError
+    naming its field (`messages[1].content`): a key given twice in one JSON object (JSON keeps the last
+    silently, so which one was meant is unknown) or a string with a NUL character (C-string tools,
+    tokenizers and terminals truncate or drop it, so the text trained on would not be the text shown)."""
+    if isinstance(row, _DuplicateKeys):
+        key = row.duplicates[0]
+        return FieldError("duplicate_key", _child(path, key), "the key appears more than once in the same JSON object")
+    if isinstance(row, str):
+        if "\x00" in row:
+            return FieldError("nul_byte", path or "<record>", f"contains a NUL character (\\u0000) at offset {row.index(chr(0))}")
+        return None
+    if isinstance(row, dict):
+        for key, value in row.items():
+            if "\x00" in str(key):
+                return FieldError("nul_byte", _child(path, repr(key)), "the key contains a NUL character (\\u0000)")
+            problem = row_problem(value, _child(path, key))
+            if problem is not None:
+                return problem
+    elif isinstance(row, (list, tuple)):
+        for i, value in enumerate(row):
+            problem = row_problem(value, _child(path, i))
+            if problem is not None:
+                return problem
+    return None
+
+
 def _collect(rows: Iterable, location: str, source: str, mapper: RowMapper, limits: DataLimits) -> LoadResult:
     """Map `(line_number, row_or_exception)` pairs to records, raising or counting bad rows."""
     from tqdm.auto import tqdm
@@ -292,6 +420,9 @@ def _collect(rows: Iterable, location: str, source: str, mapper: RowMapper, limi
         try:
             if isinstance(row, FieldError):
                 raise row
+            problem = row_problem(row)
+            if problem is not None:
+                raise problem
             example = mapper(row, f"{source}:{line_no}", source, limits)
         except FieldError as err:
             message = f"{location}:{line_no}: field `{err.field_name}`: {err}"
@@ -319,7 +450,7 @@ def _jsonl_rows(path: Path) -> Iterator:
                 yield line_no, None
                 continue
             try:
-                yield line_no, json.loads(text)
+                yield line_no, json.loads(text, object_pairs_hook=_object_pairs)
             except json.JSONDecodeError as err:
                 yield line_no, FieldError("bad_json", "<json>", f"malformed JSON: {err.msg} at column {err.colno}")
 
@@ -338,6 +469,23 @@ def load_jsonl(path, kind: str = "chat", limits: DataLimits = DataLimits(), sour
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     return _collect(_jsonl_rows(path), str(path), source or path.name, mappers[kind], limits)
+
+
+def require_examples(loaded: LoadResult, what: str = "record") -> None:
+    """DataError naming the real cause when a load kept no record: an empty file, only blank lines,
+    or every line dropped (with the drop counts and the first locations), rather than letting a later
+    step fail on its size."""
+    if loaded.examples:
+        return
+    if loaded.rows_read == 0:
+        raise DataError(f"{loaded.source}: empty (0 lines): no {what} to read")
+    counts = dict(sorted(loaded.dropped.counts.items()))
+    if set(counts) == {"blank_line"}:
+        raise DataError(f"{loaded.source}: no {what}: all {loaded.rows_read} lines are blank")
+    first = next((where[0] for reason, where in sorted(loaded.dropped.examples.items())
+                  if where and reason != "blank_line"), "")
+    raise DataError(f"{loaded.source}: no usable {what}: all {loaded.rows_read} lines were dropped "
+                    f"(by reason: {counts}); the first: {first}")
 
 
 # Hub datasets of the paper (§5.1, App. C.2), each mapped to the records above.
@@ -689,6 +837,9 @@ def read_split(path) -> list:
             raise DataError(f"{path}:{line_no}: field `{row.field_name}`: {row}")
         if row is None:
             continue
+        problem = row_problem(row)
+        if problem is not None:
+            raise DataError(f"{path}:{line_no}: field `{problem.field_name}`: {problem}")
         try:
             examples.append(from_json(row))
         except (KeyError, TypeError) as err:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -57,6 +56,7 @@ from transformers import LogitsProcessor
 
 from alphatoken import __version__
 from alphatoken.blocks import scored_blocks, scored_linears
+from alphatoken.data import check_choice, check_int, check_number
 from alphatoken.models import weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -84,22 +84,13 @@ class FisherConfig:
     batch_size: int = 4  # prompts per generate call and per backward; does not change the result
 
     def __post_init__(self):
-        def fail(field: str, value, expected: str):
-            raise ValueError(f"FisherConfig.{field}: expected {expected}, got {value!r}")
-
+        owner = "FisherConfig"
         for name in ("last_k", "max_new_tokens", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                fail(name, value, "an integer >= 1")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            fail("seed", self.seed, "an integer >= 0")
-        if self.labels not in LABEL_MODES:
-            fail("labels", self.labels, f"one of {LABEL_MODES}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not math.isfinite(self.temperature) or self.temperature <= 0:
-            fail("temperature", self.temperature, "a finite number > 0")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            fail("top_p", self.top_p, "a number in (0, 1]")
+            check_int(owner, name, getattr(self, name), 1)
+        check_int(owner, "seed", self.seed, 0)
+        check_choice(owner, "labels", self.labels, LABEL_MODES)
+        check_number(owner, "temperature", self.temperature, 0.0, low_open=True)
+        check_number(owner, "top_p", self.top_p, 0.0, 1.0, low_open=True)
 
 
 @dataclass(frozen=True)

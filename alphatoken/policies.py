@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
+from alphatoken.data import ConfigError, check_choice, check_int, check_number
 from alphatoken.losses import kept_count, soft_weights, top_rho_mask
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -42,25 +43,30 @@ class PolicyConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # LoRA: attention + MLP projections
 
     def __post_init__(self):
+        owner = "PolicyConfig"
         if self.name not in POLICIES:
-            raise ValueError(f"policy.name={self.name!r} is not one of {sorted(POLICIES)}")
-        for key, value in (("rho", self.rho), ("rho_end", self.rho_end)):
-            if value is not None and not 0.0 < value <= 1.0:
-                raise ValueError(f"policy.{key}={value} must be in (0, 1]")
-        if self.rho_schedule not in SCHEDULES:
-            raise ValueError(f"policy.rho_schedule={self.rho_schedule!r} is not one of {SCHEDULES}")
+            raise ConfigError("name", f"{self.name!r} is not one of {sorted(POLICIES)}", owner)
+        check_number(owner, "rho", self.rho, 0.0, 1.0, low_open=True)
+        check_number(owner, "rho_end", self.rho_end, 0.0, 1.0, low_open=True, optional=True)
+        check_choice(owner, "rho_schedule", self.rho_schedule, SCHEDULES)
         if self.rho_schedule != "constant" and self.rho_end is None:
-            raise ValueError(f"policy.rho_schedule={self.rho_schedule!r} needs policy.rho_end")
-        if self.stm_ppl_threshold is not None and self.stm_ppl_threshold < 1.0:
-            raise ValueError(f"policy.stm_ppl_threshold={self.stm_ppl_threshold} must be >= 1 (a perplexity)")
-        if self.confpo_selection not in ("mean", "ratio"):
-            raise ValueError(f"policy.confpo_selection={self.confpo_selection!r} must be 'mean' or 'ratio'")
-        if self.lora_rank < 1:
-            raise ValueError(f"policy.lora_rank={self.lora_rank} must be >= 1")
+            raise ConfigError("rho_end", f"rho_schedule={self.rho_schedule!r} needs the final ratio rho_end", owner)
+        if self.rho_schedule == "constant" and self.rho_end is not None:  # it would be ignored
+            raise ConfigError("rho_end", f"{self.rho_end} is not used by rho_schedule='constant': set rho_schedule "
+                              "to 'linear' or 'cosine', or leave rho_end unset (null)", owner)
+        check_number(owner, "stm_ppl_threshold", self.stm_ppl_threshold, 1.0, optional=True)  # a perplexity
+        check_choice(owner, "confpo_selection", self.confpo_selection, ("mean", "ratio"))
+        check_int(owner, "lora_rank", self.lora_rank, 1)
+        check_number(owner, "lora_alpha", self.lora_alpha, 0.0, low_open=True)
+        check_number(owner, "lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
+        if isinstance(self.lora_targets, str) or not isinstance(self.lora_targets, (list, tuple)) or not self.lora_targets \
+                or not all(isinstance(t, str) and t for t in self.lora_targets):
+            raise ConfigError("lora_targets", f"expected a non-empty list of module names, got {self.lora_targets!r}", owner)
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         policy = POLICIES[self.name]
         if policy.adapter == "lora" and policy.needs_scores and self.lora_dropout != 0:
-            raise ValueError(f"policy.lora_dropout={self.lora_dropout}: policy {self.name!r} scores the LoRA factors, "
-                             "which needs lora_dropout = 0 (the valuation cannot reproduce a dropout mask)")
+            raise ConfigError("lora_dropout", f"{self.lora_dropout}: policy {self.name!r} scores the LoRA factors, "
+                              "which needs lora_dropout = 0 (the valuation cannot reproduce a dropout mask)", owner)
 
     def rho_at(self, progress: float) -> float:
         """Retained ratio at training progress in [0, 1]: constant, or linear / cosine from rho to rho_end

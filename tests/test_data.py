@@ -24,6 +24,7 @@ from alphatoken.data import (
     map_rows,
     prompt_key,
     read_split,
+    require_examples,
     write_splits,
 )
 from alphatoken.models import build_tiny_model
@@ -63,6 +64,23 @@ BAD_LINES = [
      b'{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], '
      b'"rejected": [{"role": "user", "content": "OTHER"}, {"role": "assistant", "content": "c"}]}',
      "preference", DataLimits(), "rejected", "prompt_mismatch"),
+    # JSON that parses but is not the text it seems: a NUL character (written as \u0000), a key given twice
+    ("nul_in_response", b'{"prompt": "a", "response": "b\\u0000c"}', "chat", DataLimits(), "response", "nul_byte"),
+    ("nul_in_message", b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\\u0000"}]}',
+     "chat", DataLimits(), "messages[1].content", "nul_byte"),
+    ("nul_in_unused_field", b'{"prompt": "a", "response": "b", "note": "x\\u0000"}', "chat", DataLimits(), "note",
+     "nul_byte"),
+    ("duplicate_key", b'{"prompt": "a", "response": "first", "response": "second"}', "chat", DataLimits(), "response",
+     "duplicate_key"),
+    ("duplicate_nested_key", b'{"messages": [{"role": "user", "content": "a"}, '
+     b'{"role": "assistant", "content": "b", "content": "c"}]}', "chat", DataLimits(), "messages[1].content",
+     "duplicate_key"),
+    ("pref_identical", b'{"prompt": "a", "chosen": "same", "rejected": " same\\n"}', "preference", DataLimits(),
+     "rejected", "identical_responses"),
+    ("pref_identical_turns",
+     b'{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], '
+     b'"rejected": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+     "preference", DataLimits(), "rejected", "identical_responses"),
 ]
 
 
@@ -99,6 +117,45 @@ def test_bad_line_dropped_and_counted_in_manifest(tmp_path, name, bad, kind, lim
     paths = write_splits(make_splits(examples, 1, 1, seed=0), tmp_path / "out", {"inputs": [result.manifest()]})
     manifest = json.loads(paths["manifest"].read_text())
     assert manifest["inputs"][0]["dropped"]["counts"] == {reason: 1}
+
+
+def test_no_record_names_the_real_cause(tmp_path):
+    """An empty file, a file of blank lines and a file whose every line was dropped each say so (with
+    the drop counts), instead of failing later on the hold-out sizes."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match=rf"^{path}: empty \(0 lines\): no chat example to read$"):
+        require_examples(load_jsonl(path), "chat example")
+    path.write_text("\n  \n")
+    with pytest.raises(DataError, match=rf"^{path}: no chat example: all 2 lines are blank$"):
+        require_examples(load_jsonl(path), "chat example")
+    _write_lines(path, [b"{oops", b"[1]", b'{"prompt": "a", "response": "b", "response": "c"}'])
+    with pytest.raises(DataError) as err:
+        require_examples(load_jsonl(path, limits=DataLimits(on_error="drop")), "chat example")
+    assert str(err.value).startswith(f"{path}: no usable chat example: all 3 lines were dropped (by reason: "
+                                     "{'bad_json': 1, 'bad_record': 1, 'duplicate_key': 1}); the first: "
+                                     f"{path}:1: field `<json>`: malformed JSON")
+    require_examples(load_jsonl(_write_lines(path, [GOOD.encode()])))  # one record: fine
+
+
+def test_hub_rows_with_a_nul_character_are_refused():
+    from datasets import Dataset
+
+    rows = Dataset.from_list([{"problem": "p", "solution": "s"}, {"problem": "p\x00", "solution": "s"}])
+    with pytest.raises(DataError, match=r"magicoder\[train\]:1: field `problem`: contains a NUL character"):
+        map_rows(rows, "magicoder", "magicoder[train]")
+    assert dict(map_rows(rows, "magicoder", "m", DataLimits(on_error="drop")).dropped.counts) == {"nul_byte": 1}
+
+
+def test_read_split_refuses_nul_and_duplicate_keys(tmp_path):
+    path = tmp_path / "train.jsonl"
+    row = {"id": "a", "source": "s", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r\x00"}]}
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:1: field `messages\[1\].content`: contains a NUL"):
+        read_split(path)
+    path.write_text('{"id": "a", "id": "b", "source": "s", "messages": []}\n')
+    with pytest.raises(DataError, match=rf"{path}:1: field `id`: the key appears more than once"):
+        read_split(path)
 
 
 def test_blank_lines_are_counted_not_silent(tmp_path):
@@ -418,3 +475,128 @@ def test_read_split_reports_bad_line(tmp_path):
     path.write_text(json.dumps({"id": "a", "source": "s", "messages": []}) + "\n{oops\n")
     with pytest.raises(DataError, match=rf"{path}:2: field `<json>`"):
         read_split(path)
+
+
+# ---------------------------------------------------------------- the stages that load data
+
+
+def _prepare(tmp_path, lines: list, kind: str = "chat", on_error: str = "raise", n_val: int = 1):
+    """Run the prepare_data stage on `lines`; (exit code or None, stderr, output directory)."""
+    import contextlib
+    import io
+
+    from alphatoken.stages import prepare_data
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(b"".join(line + b"\n" for line in lines))
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  n_val: {n_val}\n  n_fisher: 1\n  n_test: 0\n  seed: 0\n  on_error: {on_error}\n")
+    out, err = tmp_path / "out", io.StringIO()
+    argv = ["--params", str(params), "--section", "data", "--corpus", str(corpus), "--kind", kind, "--out", str(out)]
+    code = None
+    with contextlib.redirect_stderr(err):
+        try:
+            prepare_data.main(argv)
+        except SystemExit as exit_info:
+            code = exit_info.code
+    return code, err.getvalue(), out
+
+
+def test_prepare_data_blames_the_real_cause_and_keeps_the_drop_counts(tmp_path):
+    code, err, out = _prepare(tmp_path, [])
+    assert code == 2 and "corpus.jsonl: empty (0 lines): no chat example to read" in err
+    assert "n_val" not in err
+    code, err, out = _prepare(tmp_path, [b"{oops", b"[1]", b'{"prompt": "a"}'], on_error="drop")
+    assert code == 2 and "no usable chat example: all 3 lines were dropped" in err and "n_val" not in err
+    report = json.loads((out / "drop_report.json").read_text())
+    assert report["rows_read"] == 3 and report["dropped"]["counts"] == {"bad_json": 1, "bad_record": 1, "missing_field": 1}
+    assert f"what was read and dropped: {out / 'drop_report.json'}" in err
+    # enough records but too few prompts for the hold-outs: now the sizes are the cause
+    lines = [json.dumps({"prompt": f"q{i}", "response": f"a{i}"}).encode() for i in range(2)] + [b"{oops"]
+    code, err, out = _prepare(tmp_path, lines, on_error="drop", n_val=1)
+    assert code == 2 and "need more than n_val + n_fisher + n_test = 2 distinct prompts, have 2" in err
+    assert "among the 2 records" in err and "(1 lines dropped): lower data.n_val / n_fisher / n_test" in err
+    assert json.loads((out / "drop_report.json").read_text())["dropped"]["counts"] == {"bad_json": 1}
+    # a later success: the manifest has the counts, the earlier failure's report is gone
+    lines.append(json.dumps({"prompt": "q9", "response": "a9"}).encode())
+    code, err, out = _prepare(tmp_path, lines, on_error="drop")
+    assert code is None and not (out / "drop_report.json").exists()
+    assert json.loads((out / "manifest.json").read_text())["dropped"]["counts"] == {"bad_json": 1}
+
+
+def test_prepare_data_never_writes_a_nul_a_duplicate_key_or_an_empty_pair(tmp_path):
+    good = [json.dumps({"prompt": f"q{i}", "response": f"a{i}"}).encode() for i in range(4)]
+    nul = json.dumps({"prompt": "qn", "response": "a\u0000b"}).encode()
+    twice = b'{"prompt": "qd", "response": "first", "response": "second"}'
+    code, err, out = _prepare(tmp_path, good + [nul, twice])
+    assert code == 2 and "corpus.jsonl:5: field `response`: contains a NUL character" in err
+    assert "set data.on_error: drop" in err
+    code, err, out = _prepare(tmp_path, good + [nul, twice], on_error="drop")
+    assert code is None
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dropped"]["counts"] == {"duplicate_key": 1, "nul_byte": 1}
+    written = "".join((out / f"{name}.jsonl").read_text() for name in ("train", "val", "fisher", "test"))
+    assert "\\u0000" not in written and "first" not in written and "second" not in written
+    pairs = [json.dumps({"prompt": f"q{i}", "chosen": f"c{i}", "rejected": f"r{i}"}).encode() for i in range(4)]
+    same = json.dumps({"prompt": "qs", "chosen": "x", "rejected": "x"}).encode()
+    code, err, out = _prepare(tmp_path, pairs + [same], kind="preference", on_error="drop")
+    assert code is None and json.loads((out / "manifest.json").read_text())["dropped"]["counts"] == {
+        "identical_responses": 1}
+
+
+CLAMP_MODULE = '''
+def clamp(value, low, high):
+    """Clamp the value into the closed interval from low to high, both ends included."""
+    if value < low:
+        return low
+    return min(value, high)
+'''
+
+
+def test_build_corpus_fails_when_every_row_of_a_hub_dataset_is_dropped(tmp_path, capsys):
+    """A preference dataset read from a local copy whose every row is bad: exit 2 naming the cause,
+    with the drop counts in a report (before: exit 0 and an empty preference.jsonl)."""
+    from alphatoken.stages import build_corpus
+
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "mod.py").write_text(CLAMP_MODULE)
+    local = _write_lines(tmp_path / "uf.jsonl", [
+        b'{"prompt": "q", "chosen": "c"}',
+        json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}).encode(),
+        b"{oops"])
+    params = tmp_path / "params.yaml"
+    params.write_text(f"corpus:\n  stdlib_dir: {tmp_path / 'lib'}\n  min_doc_chars: 10\n  preference_dataset: ultrafeedback\n"
+                      f"  preference_local_path: {local}\n")
+    out = tmp_path / "corpus"
+    with pytest.raises(SystemExit) as exit_info:
+        build_corpus.main(["--params", str(params), "--section", "corpus", "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {local}: no usable preference pair: all 3 lines were dropped (by reason: {{'bad_json': 1, " \
+           "'identical_responses': 1, 'missing_field': 1})" in err
+    assert "corpus.preference_dataset='ultrafeedback'" in err
+    report = json.loads((out / "drop_report.json").read_text())
+    assert report["preference"]["dropped"]["total"] == 3
+    # one good row: the corpus is written, the row counted, the report of the failure removed
+    local.write_text(local.read_text() + json.dumps({"prompt": "q", "chosen": "good", "rejected": "bad"}) + "\n")
+    build_corpus.main(["--params", str(params), "--section", "corpus", "--out", str(out)])
+    assert len(read_split(out / "preference.jsonl")) == 1 and not (out / "drop_report.json").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["hub"]["preference"]["dropped"]["total"] == 3 and manifest["counts"]["preference"] == 1
+
+
+def test_corpus_builder_skips_a_docstring_holding_a_nul_and_counts_it(tmp_path):
+    """A docstring is the prompt: an escape that makes it hold a NUL character would be refused by
+    every loader downstream, so the builder counts it out (the code itself holds only the escape)."""
+    from alphatoken.corpus import build_stdlib_corpus
+
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "mod.py").write_text(CLAMP_MODULE + '''
+
+def terminate(text):
+    """Return the text followed by a terminating \\0 character, as C functions expect it."""
+    return text + "\\0"
+''')
+    result = build_stdlib_corpus(str(tmp_path / "lib"), min_doc_chars=10)
+    assert [e.id for e in result.examples] == ["mod:clamp"]
+    assert result.skipped.counts["nul_in_docstring"] == 1

@@ -334,6 +334,29 @@ def test_config_overrides_are_refused_with_the_fix():
     assert "--configfile" in result.stdout + result.stderr
 
 
+def test_snakemake_validates_the_config_against_the_schema_before_any_job(tmp_path):
+    """A typo or a non-finite value in an overlay stops the dry run at once, naming section and key;
+    the schema's resources block names exactly the workflow's rules (a misspelt rule would be ignored)."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ResourceSettings
+
+    from alphatoken.stages.common import params_schema
+
+    overlay = tmp_path / "typo.yaml"
+    for text, expected in [("train:\n  lrr: 0.1\n", "Additional properties are not allowed ('lrr' was unexpected)"),
+                           ("valuation:\n  lam: .nan\n", "On instance['valuation']['lam']:\n    nan"),
+                           ("resources:\n  trian: {threads: 1}\n", "('trian' was unexpected)")]:
+        overlay.write_text(text)
+        result = snakemake(REPO, "-n", "--configfile", str(overlay))
+        output = result.stdout + result.stderr
+        assert result.returncode != 0 and "Error validating config file" in output and expected in output, output
+        assert "Job stats" not in output
+    with SnakemakeApi() as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(), snakefile=REPO / "Snakefile", workdir=REPO)._workflow
+        rules = {r.name for r in workflow.rules if not r.norun}
+    assert set(params_schema()["properties"]["resources"]["properties"]) == rules
+
+
 def test_gpu_rule_with_tasks_is_refused(tmp_path):
     """tasks on a GPU rule would become --ntasks-per-gpu: one copy of the stage per GPU."""
     overlay = tmp_path / "tasks.yaml"
@@ -367,11 +390,15 @@ def test_local_profile_limits_gpu_jobs():
 
 def test_params_errors_name_file_line_and_field(tmp_path):
     base = tmp_path / "params.yaml"
-    base.write_text("model:\n  source: tiny\n  dtype: float32\nother: {}\n")
+    base.write_text("model:\n  source: tiny\n  dtype: float32\nreport: {}\n")
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text("# overlay\nmodel:\n  dtype: 3\n")
-    with pytest.raises(ParamsError, match=re.escape(f"{overlay}:3: model.dtype: expected str")):
+    with pytest.raises(ParamsError, match=re.escape(f"{overlay}:3: model.dtype: expected one of ['float32', "
+                                                    "'float64', 'bfloat16', 'float16'], got 3")):
         to_config(read_section([base, overlay], "model"), ModelSpec)
+    overlay.write_text("modle:\n  dtype: float64\n")  # a misspelt section: nobody would read it
+    with pytest.raises(ParamsError, match=re.escape(f"{overlay}:1: modle: unknown section(s) ['modle']")):
+        read_section([base, overlay], "model")
     overlay.write_text("model:\n\n  dtyp: float64\n")
     with pytest.raises(ParamsError, match=re.escape(f"{overlay}:3: model.dtyp: unknown field(s) ['dtyp']")):
         to_config(read_section([base, overlay], "model"), ModelSpec)

@@ -1,6 +1,8 @@
 """What every stage shares: its command line, reading one parameter section with the file and line
-of every value (so a bad value is reported as `params.yaml:42: fisher.temperature: ...`), turning
-that section into a frozen config dataclass, and logging where it runs (device, SLURM GPU binding).
+of every value (so a bad value is reported as `params.yaml:42: fisher.temperature: ...`), checking it
+against the pipeline's parameter schema (`workflow/schemas/config.schema.yaml`, the one Snakemake
+validates the whole config with), turning it into a frozen config dataclass, and logging where it runs
+(device, SLURM GPU binding).
 
 Parameter files are layered like Snakemake's `configfile:` + `--configfile`: later files override
 earlier ones key by key (nested mappings are merged, everything else is replaced).
@@ -10,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import json
 import logging
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,11 @@ DEVICE_ENV_VARS = (
     "SLURM_STEP_GPUS",
     "SLURM_CPUS_PER_TASK",
 )
+
+
+LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's safe loader when PyYAML has it (same result, faster)
+# The schema of every parameter section; Snakemake validates the merged config against it too.
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 
 class ParamsError(ValueError):
@@ -52,10 +61,14 @@ class Section:
 
 
 def _node_lines(node: yaml.Node, path: str, filename: str, out: dict) -> None:
-    """Record `file:line` of every mapping key below `node`, by dotted path."""
+    """Record `file:line` of every mapping key below `node`, by dotted path. A key given twice in one
+    mapping is an error: YAML loaders keep the last one silently."""
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             child = f"{path}.{key_node.value}" if path else str(key_node.value)
+            if child in out:
+                raise ParamsError(f"{filename}:{key_node.start_mark.line + 1}: {child}: given twice (first at "
+                                  f"{out[child]}); YAML would keep the last silently")
             out[child] = f"{filename}:{key_node.start_mark.line + 1}"
             _node_lines(value_node, child, filename, out)
 
@@ -78,8 +91,8 @@ def read_section(files: list[str | Path], name: str) -> Section:
     for file in files:
         text = Path(file).read_text()
         try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(text) or {}
+            node = yaml.compose(text, Loader=LOADER)
+            data = yaml.load(text, Loader=LOADER) or {}
         except yaml.YAMLError as err:
             raise ParamsError(f"{file}: not valid YAML: {err}") from err
         if not isinstance(data, dict):
@@ -94,19 +107,123 @@ def read_section(files: list[str | Path], name: str) -> Section:
     section = values[name]
     if not isinstance(section, dict):
         raise ParamsError(f"{where.get(name, files[-1])}: {name}: expected a mapping, got {section!r}")
+    problems = schema_problems(values, name, where)
+    if problems:
+        raise ParamsError("\n".join(problems))
     prefix = name + "."
     local = {key[len(prefix):]: loc for key, loc in where.items() if key.startswith(prefix)}
     local[""] = where.get(name, str(files[-1]))
     return Section(name=name, values=section, where=local)
 
 
+@functools.lru_cache(maxsize=1)
+def params_schema() -> dict:
+    """The pipeline's parameter schema (YAML anchors resolved), read once."""
+    if not SCHEMA_PATH.is_file():
+        raise ParamsError(f"{SCHEMA_PATH}: the parameter schema is missing (the stages run from a checkout of the "
+                          "repository, which has workflow/schemas/)")
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def schema_problems(values: dict, name: str, where: dict) -> list[str]:
+    """`file:line: section.field: ...` for every value of section `name` (and every unknown section
+    name) the schema refuses, ordered by file and line; empty when all is well. `values` are the merged
+    sections, `where` maps dotted paths to `file:line`. Only that one section is checked: a stage
+    answers for its own parameters (Snakemake checks them all)."""
+    from jsonschema import Draft202012Validator
+
+    schema = params_schema()
+    known = schema.get("properties", {})
+    # the section, and the names the schema does not know (a misspelt section is never read by anyone)
+    instance = {key: value for key, value in values.items() if key == name or key not in known}
+    root = {key: value for key, value in schema.items() if key != "required"}  # the other sections may be absent
+    found: dict[tuple, str] = {}
+    for error in Draft202012Validator(root).iter_errors(instance):
+        path = tuple(error.absolute_path)
+        if error.validator == "additionalProperties":  # at the first unknown key's line, naming them all
+            allowed = sorted(error.schema.get("properties", {}))
+            extras = [key for key in error.instance if key not in allowed]
+            what = "unknown section(s)" if not path else "unknown field(s)"
+            found.setdefault(path + (extras[0],), f"{what} {extras}; expected some of {allowed}")
+        elif error.validator == "required":
+            missing = [key for key in error.validator_value if key not in error.instance]
+            found.setdefault(path, f"missing required field(s) {missing}")
+        else:  # type, range, enum, finiteness: one message per value, from its schema
+            found.setdefault(path, f"expected {describe_schema(_schema_at(schema, path))}, got {error.instance!r}")
+
+    def location(path: tuple) -> tuple[str, str]:
+        dotted = ".".join(str(p) for p in path if not isinstance(p, int))  # list items: the list's line
+        shown = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(path))
+        return where.get(dotted) or where.get(name, "?"), shown
+
+    def order(item):
+        loc = location(item[0])[0]
+        file, _, line = loc.rpartition(":")
+        return (file, int(line) if line.isdigit() else 0, item[0])
+
+    problems = []
+    for path, message in sorted(found.items(), key=order):
+        loc, shown = location(path)
+        problems.append(f"{loc}: {shown}: {message}")
+    return problems
+
+
+def _schema_at(schema: dict, path: tuple) -> dict:
+    """The sub-schema that describes the value at `path` (keys of mappings, indices of lists)."""
+    node = schema
+    for step in path:
+        if isinstance(step, int):
+            node = node.get("items", {})
+        else:
+            extra = node.get("additionalProperties")
+            node = node.get("properties", {}).get(step, extra if isinstance(extra, dict) else {})
+    return node
+
+
+def describe_schema(schema: dict) -> str:
+    """What a schema accepts, in words: `an integer >= 1`, `null or a finite number in (0, 1]`,
+    `one of ['cosine', 'constant']`, `a non-empty list of ...`."""
+    if "enum" in schema:
+        return f"one of {schema['enum']}"
+    kinds = schema.get("type", [])
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    words = ["null"] if "null" in kinds else []
+    for kind in kinds:
+        if kind in ("integer", "number"):
+            low = schema.get("exclusiveMinimum", schema.get("minimum"))
+            high = schema.get("exclusiveMaximum", schema.get("maximum"))
+            bounds = _bounds(low, high, "exclusiveMinimum" in schema, "exclusiveMaximum" in schema)
+            words.append(("an integer" if kind == "integer" else "a finite number") + (f" {bounds}" if bounds else ""))
+        elif kind == "array":
+            low, high = schema.get("minItems", 0), schema.get("maxItems")
+            head = f"a list of {low} items" if low and high == low else ("a non-empty list" if low else "a list")
+            items = schema.get("items")
+            words.append(head + (f", each {describe_schema(items)}" if items else ""))
+        elif kind != "null":
+            words.append({"string": "a string", "boolean": "true or false", "object": "a mapping"}.get(kind, kind))
+    return " or ".join(words) or "a valid value"
+
+
+def _bounds(low, high, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return ""
+
+
 def _check_type(section: Section, field: str, value: Any, default: Any) -> None:
-    """A value must have the type of the field's default (ints are accepted where floats are)."""
+    """A value must have the type of the field's default (ints are accepted where floats are, YAML
+    lists where tuples are)."""
     if default is None or value is None:
         return
     expected = type(default)
     ok = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if expected is tuple and isinstance(value, list):
         ok = True
     if not ok:
         raise ParamsError(
@@ -129,6 +246,9 @@ def to_config(section: Section, cls: type, **overrides: Any):
     kwargs = {}
     for name, f in fields.items():
         if name in overrides:
+            if name in section.values:  # the stage decides it: the value here would be ignored
+                raise ParamsError(f"{section.locate(name)}: not a parameter: the stage sets {cls.__name__}.{name} "
+                                  f"itself (here to {overrides[name]!r}); remove it from the section")
             kwargs[name] = overrides[name]
             continue
         if name not in section.values:
@@ -139,11 +259,20 @@ def to_config(section: Section, cls: type, **overrides: Any):
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         )
         _check_type(section, name, section.values[name], default)
-        kwargs[name] = section.values[name]
+        value = section.values[name]
+        kwargs[name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:  # the dataclass's own __post_init__ validation
-        raise ParamsError(f"{section.locate('')}: invalid {cls.__name__}: {err}") from err
+        # alphatoken.data.ConfigError names its field (`err.field`); other dataclasses name it as the
+        # message's `Class.field:` prefix. Either way the error points at that value's own line.
+        field, message = getattr(err, "field", None), getattr(err, "message", None)
+        if field is None:
+            named = re.match(rf"{cls.__name__}\.(\w+):\s*(.*)", str(err), re.S)
+            field, message = named.groups() if named else ("", None)
+        if field not in fields:
+            raise ParamsError(f"{section.locate('')}: invalid {cls.__name__}: {err}") from err
+        raise ParamsError(f"{section.locate(field)}: {message}") from err
 
 
 def to_kwargs(section: Section, fn, exclude: tuple = ()) -> dict:

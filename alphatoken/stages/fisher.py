@@ -12,6 +12,7 @@ from collections import Counter
 
 import torch
 
+from alphatoken.blocks import decoder_blocks
 from alphatoken.data import IGNORE_INDEX, DataError, ExampleDropped, encode_chat, read_split
 from alphatoken.fisher import FisherConfig, compute_fisher, save_fisher
 from alphatoken.models import ModelSpec, load_model
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     log_run_environment("fisher", device, args.params)
     model, tokenizer = load_model(ModelSpec(source="hub", name_or_path=args.model, dtype=own.get("dtype", "float32"),
                                             attn_implementation=own.get("attn_implementation", "sdpa")), device)
+    depth = len(decoder_blocks(model))
+    if cfg.last_k > depth:
+        fail(f"{rest.locate('last_k')}: {cfg.last_k} is more than the {depth} decoder blocks of the model; "
+             f"set it to at most {depth}")
     try:
         examples = read_split(args.prompts)
     except (DataError, FileNotFoundError) as err:

@@ -7,13 +7,16 @@ the training pool from a chat corpus (or preference pairs, `--kind preference`),
 
 from __future__ import annotations
 
-from alphatoken.data import DataError, DataLimits, load_jsonl, make_splits, write_splits
+from pathlib import Path
+
+from alphatoken.data import DataError, DataLimits, load_jsonl, make_splits, require_examples, write_splits
 from alphatoken.stages.common import (
-    ParamsError, fail, log_run_environment, read_section, split_section, stage_parser, to_config,
+    ParamsError, fail, log_run_environment, read_section, split_section, stage_parser, to_config, write_json,
 )
 
 OWN_KEYS = ("n_val", "n_fisher", "seed")  # make_splits arguments; the rest are DataLimits fields
 OPTIONAL_KEYS = {"n_test": 0}  # make_splits arguments with a default (the test hold-out)
+DROP_REPORT = "drop_report.json"  # written beside the splits when the stage fails after reading the corpus
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,11 +38,24 @@ def main(argv: list[str] | None = None) -> None:
     except ParamsError as err:
         fail(str(err))
     log_run_environment("prepare_data", "cpu")
+    report = Path(args.out) / DROP_REPORT
     try:
         loaded = load_jsonl(args.corpus, kind=args.kind, limits=limits)
+    except FileNotFoundError as err:
+        fail(f"{err} (rerun the rule that writes it)")
+    except DataError as err:  # on_error: raise, at the first bad line
+        fail(f"{err} (fix the line, or set {args.section}.on_error: drop to skip bad lines and count them)")
+    try:
+        require_examples(loaded, "preference pair" if args.kind == "preference" else "chat example")
         splits = make_splits(loaded.examples, own["n_val"], own["n_fisher"], own["seed"], own["n_test"])
-    except (DataError, ValueError, FileNotFoundError) as err:
-        fail(f"{err} (check {args.corpus} or {args.section}.n_val / n_fisher / n_test)")
+    except (DataError, ValueError) as err:
+        if loaded.rows_read:  # not an output of the job, so the counts outlive its failure
+            write_json(report, loaded.manifest())
+        cause = str(err) if isinstance(err, DataError) else (
+            f"{err}, among the {len(loaded.examples)} records of {args.corpus} ({loaded.dropped.total} lines dropped): "
+            f"lower {args.section}.n_val / n_fisher / n_test ({section.where.get('n_val', section.where[''])})")
+        fail(f"{cause}" + (f"; what was read and dropped: {report}" if loaded.rows_read else ""))
+    report.unlink(missing_ok=True)  # left by an earlier failed run; the manifest counts the drops now
     dropped = loaded.dropped.to_dict()
     write_splits(splits, args.out, {"source": loaded.source, "rows_read": loaded.rows_read, "dropped": dropped})
     print(f"[prepare_data] {splits.stats}; dropped while loading: {dict(loaded.dropped.counts) or 'none'} -> {args.out}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from alphatoken.data import ConfigError, check_bool, check_choice, check_int, check_number
 from alphatoken.policies import PolicyConfig
 
 
@@ -42,27 +43,34 @@ class TrainConfig:
     progress: bool = True  # show a tqdm progress bar on rank 0
 
     def __post_init__(self):
-        def require(ok: bool, message: str):
-            if not ok:
-                raise ValueError(f"TrainConfig.{message}")
-
-        require(self.lr > 0, f"lr={self.lr} must be > 0")
-        require(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
-        require(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
-        require(self.warmup_steps is None or self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
-        require(self.lr_schedule in ("cosine", "constant"), f"lr_schedule={self.lr_schedule!r} must be 'cosine' or 'constant'")
-        require(self.micro_batch_size >= 1, f"micro_batch_size={self.micro_batch_size} must be >= 1")
-        require(self.grad_accum_steps >= 1, f"grad_accum_steps={self.grad_accum_steps} must be >= 1")
-        require(self.max_steps is None or self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1")
-        require(self.epochs >= 1, f"epochs={self.epochs} must be >= 1")
-        require(self.max_grad_norm is None or self.max_grad_norm > 0, f"max_grad_norm={self.max_grad_norm} must be > 0")
-        require(self.checkpoint_every >= 0, f"checkpoint_every={self.checkpoint_every} must be >= 0")
-        require(isinstance(self.policy, PolicyConfig), f"policy must be a PolicyConfig, got {type(self.policy).__name__}")
-        require(self.dpo_beta > 0, f"dpo_beta={self.dpo_beta} must be > 0")
-        require(self.val_refresh_every >= 1, f"val_refresh_every={self.val_refresh_every} must be >= 1")
-        require(self.max_length >= 2, f"max_length={self.max_length} must be >= 2")
-        require(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 1")
-        require(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+        owner = "TrainConfig"
+        check_number(owner, "lr", self.lr, 0.0, low_open=True)
+        check_number(owner, "weight_decay", self.weight_decay, 0.0)
+        if not isinstance(self.adam_betas, (list, tuple)) or len(self.adam_betas) != 2:
+            raise ConfigError("adam_betas", f"expected two numbers (beta1, beta2), got {self.adam_betas!r}", owner)
+        for beta in self.adam_betas:
+            check_number(owner, "adam_betas", beta, 0.0, 1.0, high_open=True)
+        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+        check_number(owner, "adam_eps", self.adam_eps, 0.0, low_open=True)
+        check_number(owner, "warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
+        check_int(owner, "warmup_steps", self.warmup_steps, 0, optional=True)
+        check_choice(owner, "lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        check_int(owner, "micro_batch_size", self.micro_batch_size, 1)
+        check_int(owner, "grad_accum_steps", self.grad_accum_steps, 1)
+        check_int(owner, "max_steps", self.max_steps, 1, optional=True)
+        check_int(owner, "epochs", self.epochs, 1)
+        check_number(owner, "max_grad_norm", self.max_grad_norm, 0.0, low_open=True, optional=True)
+        check_int(owner, "seed", self.seed, 0)
+        for name in ("bf16", "gradient_checkpointing", "progress"):
+            check_bool(owner, name, getattr(self, name))
+        check_int(owner, "checkpoint_every", self.checkpoint_every, 0)
+        if not isinstance(self.policy, PolicyConfig):
+            raise ConfigError("policy", f"expected a PolicyConfig, got {type(self.policy).__name__}", owner)
+        check_number(owner, "dpo_beta", self.dpo_beta, 0.0, low_open=True)
+        check_int(owner, "val_refresh_every", self.val_refresh_every, 1)
+        check_int(owner, "max_length", self.max_length, 2)
+        check_int(owner, "max_nonfinite_steps", self.max_nonfinite_steps, 1)
+        check_int(owner, "log_every", self.log_every, 1)
 
     def to_dict(self) -> dict:
         """JSON-ready view (the valuation config as its own field dict)."""

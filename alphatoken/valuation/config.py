@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from alphatoken.data import check_bool, check_choice, check_int, check_number
+
 SIGNALS = ("self", "total")
 TARGET_FORMS = ("auto", "contract", "ghost")
 
@@ -14,7 +16,10 @@ TARGET_FORMS = ("auto", "contract", "ghost")
 class ValuationConfig:
     last_k: int = 3  # number of final decoder blocks whose nn.Linear weights are scored (paper K)
     window: int = 32  # causal band: positions k in (p, min(p + window, T - 1)] feed token p's value path (paper W)
-    lam: float = 1.5  # weight of the retention proxy in the total score (paper lambda)
+    # weight of the retention proxy in the total score (paper lambda); >= 0: the proxy aligns a token's
+    # gradient with the Fisher-weighted drift F * (W - W_ref), so a negative lambda would reward the
+    # tokens that move the weights further from the reference, i.e. reward forgetting
+    lam: float = 1.5
     signal: str = "self"  # "self": e_p = d l_p / d z_p; "total": e_p = d L / d z_p with L = sum_p l_p
     use_tgt_dir: bool = True  # compute the direct target alignment e_p^T G x_p
     use_tgt_cau: bool = True  # compute the value-path causal target alignment
@@ -24,18 +29,15 @@ class ValuationConfig:
     val_chunk_size: int = 4  # validation sequences per forward in set_validation (G summed over chunks; bounds memory)
 
     def __post_init__(self):
-        if not isinstance(self.last_k, int) or self.last_k < 1:
-            raise ValueError(f"ValuationConfig.last_k must be a positive int, got {self.last_k!r}")
-        if not isinstance(self.window, int) or self.window < 0:
-            raise ValueError(f"ValuationConfig.window must be a non-negative int, got {self.window!r}")
-        if not isinstance(self.lam, (int, float)):
-            raise ValueError(f"ValuationConfig.lam must be a number, got {self.lam!r}")
-        if self.signal not in SIGNALS:
-            raise ValueError(f"ValuationConfig.signal must be one of {SIGNALS}, got {self.signal!r}")
-        if not isinstance(self.val_chunk_size, int) or isinstance(self.val_chunk_size, bool) or self.val_chunk_size < 1:
-            raise ValueError(f"ValuationConfig.val_chunk_size must be a positive int, got {self.val_chunk_size!r}")
-        if self.target_form not in TARGET_FORMS:
-            raise ValueError(f"ValuationConfig.target_form must be one of {TARGET_FORMS}, got {self.target_form!r}")
+        owner = "ValuationConfig"
+        check_int(owner, "last_k", self.last_k, 1)
+        check_int(owner, "window", self.window, 0)
+        check_number(owner, "lam", self.lam, 0.0)
+        check_choice(owner, "signal", self.signal, SIGNALS)
+        for name in ("use_tgt_dir", "use_tgt_cau", "use_prx_dir", "use_prx_cau"):
+            check_bool(owner, name, getattr(self, name))
+        check_choice(owner, "target_form", self.target_form, TARGET_FORMS)
+        check_int(owner, "val_chunk_size", self.val_chunk_size, 1)
 
 
 @dataclass(frozen=True)
