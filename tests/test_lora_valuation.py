@@ -24,6 +24,7 @@ from alphatoken.fisher import (FisherConfig, FisherMismatchError, FisherPrompts,
 from alphatoken.losses import kept_count
 from alphatoken.models import build_tiny_model, save_pretrained, weights_fingerprint
 from alphatoken.policies import POLICIES, Policy, PolicyConfig
+import alphatoken.train.loop as loop
 from alphatoken.train import TrainConfig, train_sft
 from alphatoken.valuation import TokenValuer, ValuationConfig
 from conftest import BATCHING_TOL
@@ -340,6 +341,15 @@ def test_alphatoken_lora_trains_only_the_adapters_on_the_top_tokens(tmp_path, to
         return w
 
     monkeypatch.setattr(Policy, "weights", spy)
+    save_checkpoint = loop.save_checkpoint
+    states = {}  # step -> the checkpoint written then (a finished run removes its checkpoint/)
+
+    def keep_state(directory, model, optimizer, scheduler, step, extra=None):
+        path = save_checkpoint(directory, model, optimizer, scheduler, step, extra)
+        states[step] = torch.load(path / "state.pt", weights_only=False)
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", keep_state)
     base = build_tiny_model("llama")
     before = {k: v.clone() for k, v in base.state_dict().items()}
     result = train_sft(base, tokenizer, chat(8), chat(2, offset=20), lora_config(tmp_path, max_steps=4),
@@ -360,7 +370,8 @@ def test_alphatoken_lora_trains_only_the_adapters_on_the_top_tokens(tmp_path, to
     assert list(reference) == names and all((reference[n] == 0).all() for n in names if ".lora_B." in n)
     # mid-run state (checkpoint after step 3; step 1 has lr 0 in warm-up, step 2 moves B away from 0,
     # after which A receives gradient): the backbone is untouched, every factor moved
-    state = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)
+    assert not (tmp_path / "checkpoint").exists()
+    state = states[3]
     assert state["step"] == 3
     adapters = {k: v for k, v in state["model"].items() if "lora_" in k}
     backbone = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v

@@ -111,7 +111,9 @@ def test_run_matrix_is_a_dvc_matrix_over_the_same_parameters(dvc_stages):
         stage = dvc_stages[name]
         assert stage["matrix"] == {"method": "${train.methods}", "seed": "${train.seeds}"}
         assert "--method ${item.method}" in stage["cmd"] or "${item.method}-${item.seed}" in stage["cmd"]
-        assert stage["outs"] == [f"results/{'train' if name == 'train' else 'eval/runs'}/${{item.method}}-${{item.seed}}"]
+        run_dir = f"results/{'train' if name == 'train' else 'eval/runs'}/${{item.method}}-${{item.seed}}"
+        # a training run's directory persists across reruns: it holds the run's resumable checkpoint
+        assert stage["outs"] == ([{run_dir: {"persist": True}}] if name == "train" else [run_dir])
     train = dvc_stages["train"]
     assert "train.rho" in train["params"] and "valuation" in train["params"]
     assert {p for p in train["params"] if p.startswith("train.")} == {

@@ -1,9 +1,10 @@
 """Stage train: one token-masked SFT or DPO run (policy `--method`, seed `--seed`) from the reference
 checkpoint, with the cached Fisher for the retention proxy (and, for DPO, the reference log-probs of
 the ref_logps stage); writes final/ (HF checkpoint), metrics.json and dvclive/ into --out, and resumes
-from its own checkpoints there. A LoRA scoring policy (`alphatoken_lora`) takes the Fisher hold-out
-instead (`--fisher-prompts`, settings of `--fisher-section`): its Fisher is that of the adapter factors
-at step 0, computed by the run and cached in --out.
+from its own checkpoints there (refusing one left by a run with other settings, model or data). A LoRA
+scoring policy (`alphatoken_lora`) takes the Fisher hold-out instead (`--fisher-prompts`, settings of
+`--fisher-section`): its Fisher is that of the adapter factors at step 0, computed by the run and
+cached in --out.
 
     python -m alphatoken.stages.train --params params.yaml --section train --valuation-section valuation \
         --objective sft --method alphatoken --seed 0 --model results/model --train-data results/data/train.jsonl \
@@ -16,7 +17,8 @@ import dataclasses
 import os
 import sys
 
-from alphatoken.blocks import scored_linears
+from alphatoken.blocks import decoder_blocks, scored_linears
+from alphatoken.checkpoint import RunMismatchError
 from alphatoken.data import DataError, read_split
 from alphatoken.fisher import FisherConfig, FisherMismatchError, FisherPrompts, load_fisher
 from alphatoken.models import ModelSpec, load_model
@@ -46,7 +48,35 @@ def read_train_config(params: list, section_name: str, valuation_section: str, m
     policy_values, rest = split_section(rest, POLICY_KEYS)
     policy = to_config(dataclasses.replace(section, values=policy_values), PolicyConfig, name=method)
     valuation = to_config(read_section(params, valuation_section), ValuationConfig)
-    return own, to_config(rest, TrainConfig, output_dir=out, seed=seed, policy=policy, valuation=valuation)
+    config = to_config(rest, TrainConfig, output_dir=out, seed=seed, policy=policy, valuation=valuation)
+    if "epochs" in rest.values and config.max_steps is not None:  # max_steps decides the length: epochs is unused
+        raise ParamsError(f"{rest.locate('epochs')}: {config.epochs} is not used while {section_name}.max_steps="
+                          f"{config.max_steps} ({rest.where.get('max_steps', rest.where[''])}) is set: set max_steps: "
+                          "null to train by epochs, or remove epochs")
+    return own, config
+
+
+def check_against_model(model, config: TrainConfig, params: list, section_name: str, valuation_section: str,
+                        scores: bool, fisher_section: str | None = None) -> None:
+    """Settings that only the loaded model (its depth) and the run (does its policy score tokens?) can
+    check: ParamsError for a valuation.last_k (or, for a run computing its own Fisher, a fisher.last_k)
+    beyond the model's decoder blocks; a warning on stderr for a valuation.window that reaches past
+    train.max_length, where the band stops at the sequence end (refusing it would break a valuation
+    section shared by routes of different max_length)."""
+    if not scores:
+        return
+    depth = len(decoder_blocks(model))
+    valuation = read_section(params, valuation_section)
+    sections = [valuation] + ([read_section(params, fisher_section)] if fisher_section else [])
+    for section in sections:
+        last_k = section.values.get("last_k", config.valuation.last_k if section is valuation else FisherConfig.last_k)
+        if last_k > depth:
+            raise ParamsError(f"{section.locate('last_k')}: {last_k} is more than the {depth} decoder blocks of "
+                              f"the model; set it to at most {depth}")
+    if config.valuation.window >= config.max_length:
+        print(f"warning: {valuation.locate('window')}: {config.valuation.window} >= {section_name}.max_length="
+              f"{config.max_length}: the value path of a token stops at the sequence end, so this run uses "
+              f"window {config.max_length - 1} (the whole sequence)", file=sys.stderr, flush=True)
 
 
 def read_fisher_prompts(params: list, section_name: str, path: str, tokenizer, last_k: int) -> FisherPrompts:
@@ -92,6 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model(ModelSpec(source="hub", name_or_path=args.model, dtype=own.get("dtype", "float32"),
                                             attn_implementation=own.get("attn_implementation", "eager")), device)
     fisher, fisher_prompts, policy = None, None, get_policy(args.method)
+    try:
+        check_against_model(model, config, args.params, args.section, args.valuation_section, policy.needs_scores,
+                            args.fisher_section if policy.adapter == "lora" else None)
+    except ParamsError as err:
+        fail(str(err))
     if policy.needs_scores and policy.adapter == "lora":
         if not args.fisher_prompts:
             fail(f"policy {args.method!r} scores the LoRA factors with the retention proxy: pass --fisher-prompts "
@@ -129,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         # has just checked is the model the Fisher was computed on
         result = run(model, tokenizer, train, val, config, fisher=fisher, out_dir=args.out,
                      reference_logps=args.reference_logps, fisher_prompts=fisher_prompts)
+    except RunMismatchError as err:
+        fail(str(err))
     except FisherMismatchError as err:
         fail(f"{err} (the Fisher cached in {args.out} belongs to other step-0 weights or Fisher settings: "
              "delete that run directory to start over)")
@@ -139,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     if result.preempted:
         fail(f"preempted after {result.steps} steps; a checkpoint is in {args.out}: rerun the rule to resume")
     if rank == 0:
-        print(f"[train] {args.objective}:{args.method} seed {args.seed}: {result.metrics} -> {result.final_dir}")
+        resumed = f" (resumed from step {result.start_step})" if result.start_step else ""
+        print(f"[train] {args.objective}:{args.method} seed {args.seed}{resumed}: {result.metrics} -> {result.final_dir}")
 
 
 if __name__ == "__main__":

@@ -21,14 +21,28 @@ gradients with one `all_reduce` per optimizer step (the communication pattern of
 validation batch, so G is the same on every process (the average over processes of identical G).
 
 The data order is a seeded permutation per epoch; the optimizer step number fixes the data position,
-so a checkpoint (model, optimizer, scheduler, RNG states, step, counters) resumes the exact run.
+so a checkpoint (model, optimizer, scheduler, RNG states, step, counters, metric history, and the
+valuer's G and P when they were computed before the checkpoint's step) resumes the exact run: a
+resumed run ends with weights bit-identical to an uninterrupted one, for every `val_refresh_every`.
+
+The run directory (`output_dir`) is the run's own: `run_identity.json` records everything that changes
+the result (`_run_identity`: the result-relevant TrainConfig fields, the policy and valuation config,
+the weights, data, Fisher and reference identities, seed, world size, device, library versions) and
+the digests of the values computed at step 0 (reference losses, reference weights, the LoRA factors'
+Fisher). A checkpoint left by a run of another identity is refused (RunMismatchError, naming the
+fields); without a checkpoint, files of another identity are removed and the run starts over. Every
+file is written atomically (`alphatoken.checkpoint`); an unreadable cache is recomputed, an
+unreadable checkpoint (or a recomputed step-0 value that differs from the one it was trained with)
+restarts the run from step 0, with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
+import logging
 import math
 import re
 import time
@@ -40,8 +54,14 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from alphatoken import __version__
 from alphatoken.blocks import scored_linears
-from alphatoken.checkpoint import PreemptionFlag, has_checkpoint, load_checkpoint, save_checkpoint, seed_everything
+from alphatoken.checkpoint import (
+    IDENTITY_FILE, TMP_SUFFIX, CheckpointError, PreemptionFlag, RunMismatchError, apply_checkpoint, atomic_torch_save,
+    atomic_write, atomic_write_text, file_sha256, has_checkpoint, identity_differences, read_checkpoint,
+    read_run_identity, remove_directory, remove_path, save_checkpoint, seed_everything, tensor_digest, write_directory,
+    write_run_identity,
+)
 from alphatoken.losses import (
     alpha_dpo_loss,
     dpo_logit,
@@ -54,12 +74,23 @@ from alphatoken.losses import (
 from alphatoken.policies import TokenContext, get_policy, scores_to_loss_positions
 from alphatoken.train.config import TrainConfig
 from alphatoken.train.data import as_batch, collate, collate_pairs, encode_dataset, pad_token_id
-from alphatoken.train.reference import load_reference_logps, reference_sequence_logps, reference_token_losses
+from alphatoken.train.reference import (
+    batch_sha256, features_sha256, load_reference_logps, reference_sequence_logps, reference_token_losses,
+)
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
+FINAL_DIR = "final"
+METRICS = "metrics.json"
+LIVE_DIR = "dvclive"
 REFERENCE_LOSSES = "reference_losses.pt"
 REFERENCE_WEIGHTS = "reference_weights.pt"
 FISHER = "fisher.safetensors"  # the Fisher computed at step 0 from `fisher_prompts`
+STEP0_FILES = (REFERENCE_LOSSES, REFERENCE_WEIGHTS, FISHER)  # values computed once at step 0, reused on resume
+# TrainConfig fields that do not change the result (weights, metrics.json, the dvclive rows, which are
+# rebuilt from the checkpoint's history): a run may resume with other values of them.
+RESULT_NEUTRAL_FIELDS = ("output_dir", "progress", "log_every", "checkpoint_every")
 
 
 @dataclass
@@ -71,6 +102,7 @@ class TrainResult:
     preempted: bool  # stopped by SIGTERM/SIGUSR1 after writing a checkpoint
     final_dir: Path | None  # HF checkpoint directory (None when preempted)
     metrics: dict = field(default_factory=dict)  # summary also written to metrics.json
+    start_step: int = 0  # the step this run resumed from (0: it started from scratch)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -106,12 +138,12 @@ def _wrap_lora(model, pcfg):
     return get_peft_model(model, lora)
 
 
-def _step0_fisher(model, tokenizer, fisher_prompts, last_k: int, path: Path, resuming: bool, ckpt_dir: Path, rank: int,
-                  device, progress: bool) -> dict:
+def _step0_fisher(model, tokenizer, fisher_prompts, last_k: int, run: "_RunDirectory", device, progress: bool) -> dict:
     """The Fisher of the scored parameters of `model` at step 0 (for LoRA: of the freshly initialised
-    factors), computed from `fisher_prompts` once and cached at `path`. A cached file is checked by
-    `load_fisher` against `model`, which here still holds the step-0 weights (a checkpoint is loaded
-    later; the adapters' initialisation is seeded), and against the Fisher configuration."""
+    factors), computed from `fisher_prompts` once and cached in the run directory. A cached file is
+    checked by `load_fisher` against `model`, which here still holds the step-0 weights (a checkpoint is
+    loaded later; the adapters' initialisation is seeded), against the Fisher configuration and
+    against the digest recorded when it was computed."""
     from alphatoken.fisher import FisherPrompts, compute_fisher, load_fisher, save_fisher
 
     if not isinstance(fisher_prompts, FisherPrompts):
@@ -120,15 +152,261 @@ def _step0_fisher(model, tokenizer, fisher_prompts, last_k: int, path: Path, res
     if cfg.last_k < last_k:
         raise ValueError(f"fisher_prompts.config.last_k={cfg.last_k} is below valuation.last_k={last_k}: "
                          "the Fisher would lack scored parameters")
-    if path.is_file():
-        fisher = load_fisher(path, model, cfg)
-    elif resuming:
-        raise FileNotFoundError(f"{path} is missing but {ckpt_dir} exists: the Fisher must be that of the weights at step 0")
-    else:
-        fisher = compute_fisher(model, tokenizer, fisher_prompts.prompts, cfg, responses=fisher_prompts.responses, progress=progress)
-        if rank == 0:
-            save_fisher(path, fisher, model, cfg, len(fisher_prompts.prompts))
+    fisher = run.step0_value(
+        FISHER,
+        load=lambda path: load_fisher(path, model, cfg),
+        compute=lambda: {name: value.detach().cpu() for name, value in compute_fisher(
+            model, tokenizer, fisher_prompts.prompts, cfg, responses=fisher_prompts.responses, progress=progress).items()},
+        save=lambda path, value: atomic_write(path, lambda tmp: save_fisher(tmp, value, model, cfg, len(fisher_prompts.prompts))),
+    )
     return {name: value.to(device) for name, value in fisher.items()}
+
+
+class _RunDirectory:
+    """The run's own files in `out`: the identity check on entry, the step-0 caches, the decision to
+    resume or to restart. Rank 0 reads and writes the files; its decisions reach every rank."""
+
+    def __init__(self, out: Path, identity: dict | None, rank: int, world: int, device):
+        self.out, self.identity, self.rank, self.world, self.device = out, identity, rank, world, device
+        self.checkpoint_dir = out / CHECKPOINT_DIR
+        self.step0: dict = {}  # name -> tensor_digest of the values computed at step 0
+        self.resuming = False  # a checkpoint of this identity is there
+        self.restart = False  # the checkpoint cannot be used after all: train from step 0
+
+    def _broadcast(self, value: int) -> int:
+        """Rank 0's `value` on every rank."""
+        if self.world == 1:
+            return value
+        flag = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.broadcast(flag, src=0)
+        return int(flag.item())
+
+    def open(self) -> bool:
+        """Compare the directory's identity with this run's; True when a checkpoint of it is there
+        (resume). Without a checkpoint, files of another (or an unknown) identity are removed and the
+        run starts over; a checkpoint of another identity raises RunMismatchError."""
+        decision, message = 0, ""  # 0: start, 1: resume, 2: refuse
+        if self.rank == 0:
+            record, problem = read_run_identity(self.out)
+            checkpoint = has_checkpoint(self.checkpoint_dir)
+            if record is not None and record["identity"] == self.identity:
+                self.step0 = dict(record["step0"])
+                decision = 1 if checkpoint else 0
+            elif record is not None and checkpoint:
+                decision = 2
+                differences = identity_differences(self.identity, record["identity"])
+                message = (f"{self.out}: the checkpoint there belongs to a run with other settings, so resuming "
+                           f"would train on with weights made by those; differing: {'; '.join(differences)}. "
+                           f"Restore those values to resume it, or delete {self.out} to start over.")
+            else:
+                why = problem if record is None else "it was written by a run with other settings (" + "; ".join(
+                    identity_differences(self.identity, record["identity"])) + ")"
+                removed = self._remove_run_files(keep_step0=False)
+                if removed:
+                    log.warning("%s: starting over, the run's files cannot be reused: %s; removed %s", self.out, why,
+                                ", ".join(removed))
+            if decision == 0:
+                self._remove_run_files(keep_step0=True)  # outputs and leftovers of an earlier attempt
+                write_run_identity(self.out, self.identity, self.step0)
+        decision = self._broadcast(decision)
+        if decision == 2:
+            raise RunMismatchError(message or f"{self.out}: rank 0 refused the run directory (see its error)")
+        self.resuming = decision == 1
+        return self.resuming
+
+    def _remove_run_files(self, keep_step0: bool) -> list[str]:
+        """Remove what a run writes here (never other files): everything, or all but the step-0 caches
+        and the identity. Returns the names removed."""
+        names = [CHECKPOINT_DIR, FINAL_DIR, METRICS, LIVE_DIR]
+        if not keep_step0:
+            names += [*STEP0_FILES, IDENTITY_FILE]
+        removed = []
+        for name in names:
+            if (self.out / name).exists():
+                removed.append(name)
+            if name in (CHECKPOINT_DIR, FINAL_DIR):
+                remove_directory(self.out / name)
+            else:
+                remove_path(self.out / name)
+        self._remove_leftovers()
+        return removed
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files of interrupted atomic writes (save_fisher writes its own `.partial` first)."""
+        for name in (*STEP0_FILES, IDENTITY_FILE, METRICS):
+            remove_path(self.out / (name + TMP_SUFFIX))
+        for name in (FISHER + ".partial", FISHER + TMP_SUFFIX + ".partial"):
+            remove_path(self.out / name)
+        for name in (CHECKPOINT_DIR, FINAL_DIR):
+            remove_path(self.out / (name + TMP_SUFFIX))
+
+    def step0_value(self, name: str, load, compute, save):
+        """The value cached as `out/name`: `load(path)` when it is readable and its digest is the one
+        recorded when it was computed, else `compute()` (written with `save(path, value)` and its
+        digest recorded). When the recomputed value differs from the recorded one while resuming, the
+        checkpoint was trained with other values: the run restarts from step 0. Other ranks wait for
+        rank 0 and load its file."""
+        path = self.out / name
+        if self.rank != 0:
+            dist.barrier()
+            return load(path)
+        recorded = self.step0.get(name)
+        value = None
+        if path.is_file():
+            try:
+                value = load(path)
+            except Exception as err:  # truncated or corrupt: several error types
+                log.warning("%s is unreadable (%s: %s): computing it again", path, type(err).__name__, err)
+            else:
+                if recorded is not None and tensor_digest(value) != recorded:
+                    log.warning("%s differs from the values recorded when it was computed: computing it again", path)
+                    value = None
+        if value is None:
+            value = compute()
+            digest = tensor_digest(value)
+            if self.resuming and digest != recorded:
+                log.warning("%s: the recomputed %s differ from those the checkpoint was trained with: restarting "
+                            "from step 0", self.out, name)
+                self.restart = True
+            save(path, value)
+            self.step0[name] = digest
+            write_run_identity(self.out, self.identity, self.step0)
+        elif recorded is None:
+            self.step0[name] = tensor_digest(value)
+            write_run_identity(self.out, self.identity, self.step0)
+        if self.world > 1:
+            dist.barrier()
+        return value
+
+    def read_state(self, needs_valuation_at) -> dict | None:
+        """The checkpoint's state when resuming, or None to start from step 0 (no checkpoint, or one
+        that cannot be used: unreadable, without the valuer's G and P its step needs, or trained with
+        other step-0 values). `needs_valuation_at(step) -> bool`: whether that step needs the saved
+        G and P."""
+        state, problem = None, ""
+        if self.resuming and not self.restart:
+            try:
+                state = read_checkpoint(self.checkpoint_dir)
+                if needs_valuation_at is not None and needs_valuation_at(int(state["step"])) and not state["extra"].get("valuation"):
+                    raise CheckpointError(f"{self.checkpoint_dir}: step {state['step']} needs the validation gradient "
+                                          "of an earlier step, which the checkpoint does not hold")
+            except CheckpointError as err:
+                state, problem = None, str(err)
+        usable = torch.tensor([1 if (state is not None or not self.resuming) else 0], dtype=torch.int64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(usable, op=dist.ReduceOp.MIN)
+        if self.resuming and (state is None or not usable.item()):
+            if problem:
+                log.warning("%s: restarting from step 0", problem)
+            state = None
+            if self.rank == 0:
+                remove_directory(self.checkpoint_dir)
+            if self.world > 1:
+                dist.barrier()
+        return state
+
+    def finish(self) -> None:
+        """After the final model and metrics are written: the resumable checkpoint (and any leftover of
+        an interrupted write) is no longer needed."""
+        remove_directory(self.checkpoint_dir)
+        self._remove_leftovers()
+
+
+def _config_digest(model) -> str:
+    """SHA-256 of the model's architecture config (without its path, library version and cache flag)."""
+    config = getattr(model, "config", None)
+    values = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
+    values = {k: v for k, v in values.items() if k not in ("_name_or_path", "transformers_version", "use_cache")}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _flatten(prefix: str, values: dict) -> dict:
+    return {f"{prefix}{k}": v for k, v in values.items()}
+
+
+def _run_identity(objective: str, config: TrainConfig, policy, vcfg, model, features: list, val_batch: dict | None, pad_id: int,
+                  world: int, device, fisher, reference, reference_model, reference_logps, fisher_prompts,
+                  uses_reference_losses: bool) -> dict:
+    """Everything that changes the result of the run, as JSON values: the TrainConfig fields except
+    RESULT_NEUTRAL_FIELDS (the valuation config and `val_refresh_every` only for the policies that score
+    tokens, `dpo_beta` only for DPO), the step-0 weights (`weights_fingerprint`) and architecture, the
+    encoded training data and validation batch (SHA-256), the Fisher, reference weights, reference
+    model or reference log-prob file given (those the policy uses), the Fisher hold-out, world size,
+    device type and the versions of alphatoken, torch and transformers. `model` must hold the step-0
+    weights."""
+    import transformers
+
+    from alphatoken.models import weights_fingerprint
+
+    settings = config.to_dict()
+    for name in RESULT_NEUTRAL_FIELDS:
+        settings.pop(name)
+    settings.pop("valuation")
+    if not policy.needs_scores:
+        settings.pop("val_refresh_every")
+    if objective != "dpo":
+        settings.pop("dpo_beta")
+    policy_settings = settings.pop("policy")
+    identity = {"objective": objective, **settings, **_flatten("policy.", policy_settings)}
+    if vcfg is not None:
+        identity.update(_flatten("valuation.", dataclasses.asdict(vcfg)))
+    hold_out = None
+    if fisher_prompts is not None:
+        hold_out = hashlib.sha256(json.dumps({"prompts": fisher_prompts.prompts, "responses": fisher_prompts.responses,
+                                              "config": dataclasses.asdict(fisher_prompts.config)},
+                                             sort_keys=True, default=str).encode()).hexdigest()
+    identity.update({
+        "world_size": world,
+        "device": torch.device(device).type,
+        "model.weights_fingerprint": weights_fingerprint(model),
+        "model.config_sha256": _config_digest(model),
+        "model.attn_implementation": str(getattr(getattr(model, "config", None), "_attn_implementation", "") or ""),
+        "data.train_sha256": features_sha256(features, objective == "dpo"),
+        "data.val_sha256": batch_sha256(val_batch) if val_batch is not None else None,
+        "data.pad_token_id": pad_id,
+        "fisher": tensor_digest(fisher) if fisher is not None and policy.needs_scores else None,  # unused otherwise
+        "fisher_prompts": hold_out,
+        "reference": tensor_digest(reference) if reference is not None and policy.needs_scores else None,
+        "reference_model": (weights_fingerprint(reference_model)
+                            if uses_reference_losses and reference_logps is None and reference_model is not None else None),
+        "reference_logps": file_sha256(reference_logps) if uses_reference_losses and reference_logps is not None else None,
+        "version.alphatoken": __version__,
+        "version.torch": torch.__version__,
+        "version.transformers": transformers.__version__,
+    })
+    return json.loads(json.dumps(identity, default=str))  # tuples -> lists, as read back from the file
+
+
+def _valuer_state(valuer) -> dict:
+    """The valuer's directions as of its last `set_validation` (G per scored weight, and P), on CPU:
+    what a resumed run needs when its first step falls inside a refresh period."""
+    def cpu(t):
+        return t.detach().cpu() if t is not None else None
+
+    target = {name: {"form": d.form, "matrix": cpu(d.matrix), "val_x": cpu(d.val_x), "val_e": cpu(d.val_e)}
+              for name, d in (valuer._target or {}).items()}
+    proxy = {name: cpu(p) for name, p in valuer._proxy.items()} if valuer._proxy is not None else None
+    return {"target": target, "proxy": proxy}
+
+
+def _restore_valuer_state(valuer, state: dict, device) -> None:
+    """Inverse of `_valuer_state`: the saved G and P, bit for bit, on `device`."""
+    from alphatoken.valuation.valuer import TargetDirection
+
+    def dev(t):
+        return t.to(device) if t is not None else None
+
+    valuer._target = {name: TargetDirection(d["form"], dev(d["matrix"]), dev(d["val_x"]), dev(d["val_e"]))
+                      for name, d in state["target"].items()}
+    valuer._proxy = {name: dev(p) for name, p in state["proxy"].items()} if state["proxy"] is not None else None
+
+
+def _log_live_row(live, row: dict) -> None:
+    """One history row as dvclive metrics at step `row["step"] - 1` (finite values only)."""
+    live.step = row["step"] - 1
+    for key, value in row.items():
+        if key not in ("step", "skipped") and math.isfinite(value):
+            live.log_metric(f"train/{key}", value)
 
 
 def _optimizer(model, config: TrainConfig):
@@ -212,7 +490,6 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
     seed_everything(config.seed)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / CHECKPOINT_DIR
-    resuming = has_checkpoint(ckpt_dir)
 
     # ---- data
     features, stats = encode_dataset(tokenizer, examples, config.max_length, preference)
@@ -222,33 +499,47 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
     if steps_per_epoch == 0:
         raise ValueError(f"{len(features)} usable training examples ({stats.as_dict()}) are fewer than one global batch of {global_batch}")
     total_steps = config.max_steps or config.epochs * steps_per_epoch
+    needs_scores = policy.needs_scores
+    val_batch = as_batch(tokenizer, val_data, config.max_length, preference) if needs_scores else None
+    uses_reference_losses = preference or policy.needs_reference_loss
+    vcfg = None
+    if needs_scores:
+        from alphatoken.valuation import ValuationConfig
+
+        vcfg = dataclasses.replace(config.valuation or ValuationConfig(), **policy.valuation_overrides)
+
+    # ---- the run directory: resume a checkpoint of this very run, refuse one of another, or start over
+    identity = None
+    if rank == 0:  # `model` still holds the step-0 weights
+        identity = _run_identity(objective, config, policy, vcfg, model, features, val_batch, pad_id, world, device, fisher,
+                                 reference, reference_model, reference_logps, fisher_prompts, uses_reference_losses)
+    run = _RunDirectory(out, identity, rank, world, device)
+    run.open()
 
     # ---- reference per-token losses: from the given file (checked against the reference model and
     # the data), or computed once here (before any update) and cached on disk
     ref_losses, ref_val = None, None
-    needs_scores = policy.needs_scores
-    val_batch = as_batch(tokenizer, val_data, config.max_length, preference) if needs_scores else None
-    if (preference or policy.needs_reference_loss) and reference_logps is not None:
+    if uses_reference_losses and reference_logps is not None:
         ref_model = reference_model if reference_model is not None else model  # the weights before any update
         loaded = load_reference_logps(reference_logps, ref_model, features, val_batch if preference else None,
                                       config.max_length, config.micro_batch_size, preference)
         ref_losses, ref_val = loaded.train, loaded.val
-    elif preference or policy.needs_reference_loss:
-        cache = out / REFERENCE_LOSSES
-        if cache.is_file():
-            saved = torch.load(cache, map_location="cpu", weights_only=False)
+    elif uses_reference_losses:
+        ref_model = reference_model if reference_model is not None else model
+
+        def load_losses(path):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
             if len(saved["train"]) != len(features):
-                raise ValueError(f"{cache}: cached for {len(saved['train'])} examples, the data has {len(features)}; delete it to recompute")
-            ref_losses, ref_val = saved["train"], saved.get("val")
-        elif resuming:
-            raise FileNotFoundError(f"{cache} is missing but {ckpt_dir} exists: the reference losses must come from the model before training")
-        else:
-            ref_model = reference_model if reference_model is not None else model
-            ref_losses = reference_token_losses(ref_model, features, pad_id, device, config.micro_batch_size, preference, "reference losses")
-            if preference and val_batch is not None:
-                ref_val = reference_sequence_logps(ref_model, val_batch, device)  # (2Bv,)
-            if rank == 0:
-                torch.save({"train": ref_losses, "val": ref_val}, cache)
+                raise ValueError(f"cached for {len(saved['train'])} examples, the data has {len(features)}")
+            return saved
+
+        def compute_losses():
+            train = reference_token_losses(ref_model, features, pad_id, device, config.micro_batch_size, preference, "reference losses")
+            val = reference_sequence_logps(ref_model, val_batch, device) if preference and val_batch is not None else None  # (2Bv,)
+            return {"train": train, "val": val}
+
+        saved = run.step0_value(REFERENCE_LOSSES, load_losses, compute_losses, lambda path, value: atomic_torch_save(value, path))
+        ref_losses, ref_val = saved["train"], saved.get("val")
 
     # ---- LoRA adapters, before the valuer: a LoRA scoring policy scores the factors
     if policy.adapter == "lora":
@@ -259,25 +550,20 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
     if fisher_prompts is not None and not needs_scores:
         raise ValueError(f"fisher_prompts: policy {policy.name!r} does not score tokens, so it uses no Fisher")
     if needs_scores:
-        from alphatoken.valuation import TokenValuer, ValuationConfig
+        from alphatoken.valuation import TokenValuer
 
-        vcfg = dataclasses.replace(config.valuation or ValuationConfig(), **policy.valuation_overrides)
         if fisher_prompts is not None:
             if fisher is not None:
                 raise ValueError("pass either `fisher` or `fisher_prompts` (to compute it at step 0), not both")
-            fisher = _step0_fisher(model, tokenizer, fisher_prompts, vcfg.last_k, out / FISHER, resuming, ckpt_dir, rank,
-                                   device, config.progress)
+            fisher = _step0_fisher(model, tokenizer, fisher_prompts, vcfg.last_k, run, device, config.progress)
         if fisher is not None and reference is None:
-            ref_path = out / REFERENCE_WEIGHTS
-            if ref_path.is_file():
-                reference = torch.load(ref_path, map_location=device, weights_only=True)
-            elif resuming:
-                raise FileNotFoundError(f"{ref_path} is missing but {ckpt_dir} exists: the reference weights must be those before training")
-            else:
-                params = dict(model.named_parameters())
-                reference = {name: params[name].detach().clone() for name in scored_linears(model, vcfg.last_k)}
-                if rank == 0:
-                    torch.save({k: v.cpu() for k, v in reference.items()}, ref_path)
+            params = dict(model.named_parameters())
+            reference = run.step0_value(
+                REFERENCE_WEIGHTS,
+                load=lambda path: torch.load(path, map_location=device, weights_only=True),
+                compute=lambda: {name: params[name].detach().clone() for name in scored_linears(model, vcfg.last_k)},
+                save=lambda path, value: atomic_torch_save({k: v.cpu() for k, v in value.items()}, path),
+            )
         valuer = TokenValuer(model, vcfg, fisher=fisher, reference=reference)
         val_batch = _to(val_batch, device)
         val_objective = _dpo_objective(config.dpo_beta, ref_val) if preference else None
@@ -296,10 +582,19 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
     warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total_steps, config.lr_schedule))
 
+    # ---- resume: the checkpoint's state, including G and P when its step falls inside a refresh period
+    refresh = config.val_refresh_every
     start_step, counters, history = 0, {"nonfinite_steps": 0, "all_masked_steps": 0, "consecutive_nonfinite": 0}, []
-    if resuming:
-        start_step, extra = load_checkpoint(ckpt_dir, model, optimizer, scheduler)
+    restored_valuation = False
+    state = run.read_state((lambda step: step % refresh != 0) if valuer is not None else None)
+    if state is not None:
+        start_step, extra = apply_checkpoint(state, model, optimizer, scheduler)
         counters, history = extra["counters"], extra["history"]
+        if valuer is not None and extra.get("valuation"):
+            _restore_valuer_state(valuer, extra["valuation"], device)
+            restored_valuation = True
+        del state
+        log.info("%s: resuming from the checkpoint of step %d", out, start_step)
     if world > 1:
         dist.barrier()
 
@@ -307,9 +602,16 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
     if rank == 0:
         from dvclive import Live
 
-        live_dir = out / "dvclive"
-        live = Live(str(live_dir), save_dvc_exp=False, resume=resuming, dvcyaml=str(live_dir / "dvc.yaml"))
+        live_dir = out / LIVE_DIR
+        # a fresh dvclive directory with the checkpoint's rows replayed: equal, row for row, to the
+        # rows of an uninterrupted run (no duplicates of steps logged after the checkpoint)
+        live = Live(str(live_dir), save_dvc_exp=False, resume=False, dvcyaml=str(live_dir / "dvc.yaml"))
         live.log_params({"objective": objective, "policy": policy.name, "rho": pcfg.rho, "seed": config.seed, "world_size": world})
+        logged = [row for row in history if row["step"] % config.log_every == 0]
+        for row in logged:
+            _log_live_row(live, row)
+        if logged:
+            live.next_step()
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (config.bf16 and device.type == "cuda") else contextlib.nullcontext()
     bar = tqdm(total=total_steps, initial=start_step, desc=f"{objective}:{policy.name}", disable=not (config.progress and rank == 0))
@@ -318,7 +620,10 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
 
     def checkpoint(step_done: int):
         if rank == 0:
-            save_checkpoint(ckpt_dir, model, optimizer, scheduler, step_done, {"counters": counters, "history": history})
+            extra = {"counters": counters, "history": history}
+            if valuer is not None and step_done % refresh != 0:  # the resumed step reuses this G and P
+                extra["valuation"] = _valuer_state(valuer)
+            save_checkpoint(ckpt_dir, model, optimizer, scheduler, step_done, extra)
         if world > 1:
             dist.barrier()
 
@@ -332,7 +637,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
             mb = config.micro_batch_size
             chunks = [step_indices[j * mb : (j + 1) * mb] for j in range(config.grad_accum_steps * world)]
             rho = pcfg.rho_at(step / max(1, total_steps - 1))
-            if valuer is not None and (step % config.val_refresh_every == 0 or step == start_step):
+            if valuer is not None and (step % refresh == 0 or (step == start_step and not restored_valuation)):
                 valuer.set_validation(val_batch, objective=val_objective)
 
             optimizer.zero_grad(set_to_none=True)
@@ -452,10 +757,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                 row["reward_accuracy"] = acc[7].item() / max(1.0, acc[8].item())
             history.append(row)
             if live is not None and (step + 1) % config.log_every == 0:
-                live.step = step
-                for key, value in row.items():
-                    if key not in ("step", "skipped") and math.isfinite(value):
-                        live.log_metric(f"train/{key}", value)
+                _log_live_row(live, row)
                 live.next_step()
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{row['kept_fraction']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -497,7 +799,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
     if preempted:
         if live is not None:
             live.end()
-        return TrainResult(model, summary["steps"], True, None, summary)
+        return TrainResult(model, summary["steps"], True, None, summary, start_step)
 
     if policy.adapter == "lora":
         model = model.merge_and_unload()
@@ -505,10 +807,14 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
     if rank == 0:
         from alphatoken.models import save_pretrained
 
-        final_dir = save_pretrained(model, tokenizer, out / "final")
-        (final_dir / "train_config.json").write_text(json.dumps({"objective": objective, **config.to_dict()}, indent=2, default=str))
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        def write_final(tmp: Path):
+            save_pretrained(model, tokenizer, tmp)
+            (tmp / "train_config.json").write_text(json.dumps({"objective": objective, **config.to_dict()}, indent=2, default=str))
+
+        final_dir = write_directory(out / FINAL_DIR, write_final)
+        atomic_write_text(out / METRICS, json.dumps(summary, indent=2))
         live.end()
+        run.finish()  # the checkpoint is removed only once final/ and metrics.json are complete
     if world > 1:
         dist.barrier()
-    return TrainResult(model, total_steps, False, final_dir or out / "final", summary)
+    return TrainResult(model, total_steps, False, final_dir or out / FINAL_DIR, summary, start_step)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from array import array
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alphatoken import __version__
+from alphatoken.checkpoint import atomic_write_bytes
 from alphatoken.fisher import _deterministic_safetensors, read_safetensors_metadata  # sorted-header safetensors: byte-identical reruns
 from alphatoken.losses import token_nll
 from alphatoken.models import weights_fingerprint
@@ -191,7 +191,8 @@ def compute_reference_logps(model, tokenizer, examples: list, val_examples: list
 
 def save_reference_logps(path: str | Path, reference: ReferenceLogps) -> Path:
     """Write `reference` as safetensors (`train[.<branch>]` rows concatenated, `...lengths` int64,
-    `val`) with its metadata; written to a temporary file and renamed (never half-written)."""
+    `val`) with its metadata; written atomically (`alphatoken.checkpoint.atomic_write_bytes`: a
+    temporary file in the same directory, fsync'ed, renamed over `path`), so never half-written."""
     path = Path(path)
     preference = reference.metadata.get("kind") == "preference"
     tensors = {}
@@ -202,11 +203,7 @@ def save_reference_logps(path: str | Path, reference: ReferenceLogps) -> Path:
         tensors[f"{name}.lengths"] = torch.tensor([r.numel() for r in rows], dtype=torch.int64)  # (N,)
     if reference.val is not None:
         tensors["val"] = reference.val.detach().to("cpu").contiguous()  # (2Bv,)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(_deterministic_safetensors(tensors, {k: str(v) for k, v in reference.metadata.items()}))
-    os.replace(partial, path)
-    return path
+    return atomic_write_bytes(path, _deterministic_safetensors(tensors, {k: str(v) for k, v in reference.metadata.items()}))
 
 
 def read_reference_metadata(path: str | Path) -> dict[str, str]:

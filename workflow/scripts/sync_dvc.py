@@ -14,7 +14,9 @@ becomes one DVC stage with
     params  the parameters the rule lists in `params:`: each keyword names a section; a whole section
             is listed as `section`, a part of one (a dict of some of its keys) key by key,
             `section.key`, so DVC and Snakemake rerun on exactly the same values,
-    outs    the rule's outputs (an output named `metrics` is a DVC metrics file, not cached).
+    outs    the rule's outputs (an output named `metrics` is a DVC metrics file, not cached; the
+            outputs of the stages that resume from a checkpoint inside them, RESUMABLE_STAGES, are
+            `persist: true`, which DVC keeps when it reruns the stage instead of deleting them first).
 Rules with wildcards (the run matrix, `MATRIX` in stagedeps.py) become one DVC `matrix:` stage over
 the same parameter lists (`${train.methods}`), whose jobs DVC names `rule@<method>-<seed>`; a stage
 reading all jobs of a matrix rule depends on their common parent directory. The report's outputs
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from pathlib import Path
 
@@ -35,6 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stagedeps import MATRIX  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
+# Stage modules whose outputs hold their own resumable checkpoint (the training runs): DVC deletes a
+# stage's outputs before running it unless they are `persist: true`, and then a preempted or killed
+# run could not resume under `dvc repro`. The stage decides itself whether what it finds there may be
+# reused (alphatoken.train.loop: the run identity), so persisting never mixes two configurations.
+RESUMABLE_STAGES = ("alphatoken.stages.train",)
 HEADER = (
     "# Generated from the Snakemake rules (workflow/rules/*.smk) by workflow/scripts/sync_dvc.py:\n"
     "# edit the rules, then run `python workflow/scripts/sync_dvc.py`. tests/test_pipeline_dag.py\n"
@@ -160,11 +168,16 @@ def snakemake_stages(root: Path = ROOT) -> tuple[dict, dict]:
             names = list(job.wildcards_dict)
             outs = []
             named = {str(job.output[k]): k for k in (job.output._names or {})}
+            command = _command(job)
+            module = re.match(r"python -m (\S+)", command)
+            resumable = module is not None and module.group(1) in RESUMABLE_STAGES
             for out in job.output:
                 path = _template(str(out), names)
                 if named.get(str(out)) == "metrics":
                     outs.append({path: {"cache": False}})
                     extra["metrics"].append(path)
+                elif resumable:
+                    outs.append({path: {"persist": True}})
                 else:
                     outs.append(path)
                 if named.get(str(out)) == "table_csv":
@@ -174,7 +187,7 @@ def snakemake_stages(root: Path = ROOT) -> tuple[dict, dict]:
                     extra["plots"].append({path: {"x": "step", "y": ["loss", "kept_fraction"],
                                                   "title": "Training loss and kept-token ratio per run"}})
             stage.update({
-                "cmd": _template(_command(job), names),
+                "cmd": _template(command, names),
                 "deps": sorted(_template(d, names) for d in deps),
                 "params": _params(job, config),
                 "outs": outs,
