@@ -307,9 +307,10 @@ lm = get_model("hf").create_from_arg_string(
     spec["model_args"], {"batch_size": spec["batch_size"], "device": spec["device"]})  # loaded once
 merged = {key: {} for key in ("results", "groups", "group_subtasks", "n-shot", "versions", "n-samples", "configs")}
 rows = []
-for shots, tasks in spec["groups"].items():
+for group in spec["groups"]:
+    tasks = group["tasks"]
     out = lm_eval.simple_evaluate(
-        model=lm, tasks=tasks, num_fewshot=int(shots), limit=spec["limit"], task_manager=manager,
+        model=lm, tasks=tasks, num_fewshot=group["shots"], limit=group["limit"], task_manager=manager,
         log_samples=spec["per_document"], bootstrap_iters=spec["bootstrap_iters"], random_seed=0,
         numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234,
     )
@@ -355,7 +356,7 @@ def _run_child(cmd: list[str], env: dict) -> tuple[int, str]:
 def run_retention(
     model_path: str | Path,
     suite: str = "real",
-    limit: int | float | None = None,
+    limit: int | float | dict | None = None,
     device: str = "cpu",
     batch_size: int | str = 1,
     *,
@@ -372,7 +373,8 @@ def run_retention(
         into a temporary directory when None), "synthetic" (the same with `build_synthetic_tasks`) or
         "paper" (lm-eval's own ARC-C/HellaSwag/MMLU/GSM8K; `task_dir` unused).
     limit: documents per task (lm-eval's `limit`: the first N, a uniform random subset for the
-        shuffled offline suites; a float in (0, 1) is a fraction), None = all.
+        shuffled offline suites; a float in (0, 1) is a fraction), None = all; or a dict
+        {task: limit} for per-task limits (tasks not in it: all documents).
     tasks: a subset of the suite's tasks (default: all of them).
     raw_results_path: where to keep lm-eval's merged raw results JSON, with the task manifest under
         "tasks" for the offline suites (default: discarded).
@@ -386,11 +388,17 @@ def run_retention(
     unknown = [t for t in tasks if t not in table]
     if unknown:
         raise ValueError(f"tasks {unknown} are not in the {suite} suite {list(table)}")
-    if isinstance(limit, int) and not isinstance(limit, bool) and limit < 2:
-        raise ValueError(f"limit: expected None or >= 2 documents (a standard error needs two), got {limit}")
-    groups: dict[str, list[str]] = {}
+    limits = limit if isinstance(limit, dict) else {}
+    unknown = sorted(set(limits) - set(tasks))
+    if unknown:
+        raise ValueError(f"limit: tasks {unknown} are not among the evaluated tasks {tasks}")
+    for name, value in [("limit", limit)] if not isinstance(limit, dict) else [(f"limit[{t}]", v) for t, v in limits.items()]:
+        if isinstance(value, int) and not isinstance(value, bool) and value < 2:
+            raise ValueError(f"{name}: expected None or >= 2 documents (a standard error needs two), got {value}")
+    groups: dict[tuple, list[str]] = {}  # (num_fewshot, limit) -> tasks: one lm-eval call each
     for task in tasks:
-        groups.setdefault(str(table[task][0]), []).append(task)
+        task_limit = limits.get(task) if isinstance(limit, dict) else limit
+        groups.setdefault((table[task][0], task_limit), []).append(task)
 
     with tempfile.TemporaryDirectory(prefix="alphatoken-retention-") as tmp:
         manifest = None
@@ -405,7 +413,7 @@ def run_retention(
                     raise ValueError(f"{manifest_path}: field 'suite' is {manifest.get('suite')!r}, not {suite!r}")
         spec = {
             "task_dir": str(Path(task_dir).resolve()) if suite != "paper" else None,
-            "groups": groups,
+            "groups": [{"shots": shots, "limit": lim, "tasks": names} for (shots, lim), names in groups.items()],
             "keys": {task: table[task][1] for task in tasks},
             "model_args": f"pretrained={Path(model_path).resolve() if Path(model_path).exists() else model_path},"
                           f"dtype={dtype}",

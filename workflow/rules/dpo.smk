@@ -209,6 +209,12 @@ rule report_dpo:
         table="results/dpo/report/table.md",
         table_csv="results/dpo/report/table.csv",
         metrics="results/dpo/report/metrics.json",
+        comparisons="results/dpo/report/comparisons.md",
+        comparisons_csv="results/dpo/report/comparisons.csv",
+        tradeoff="results/dpo/report/tradeoff.png",
+        tradeoff_svg="results/dpo/report/tradeoff.svg",
+        tradeoff_csv="results/dpo/report/tradeoff.csv",
+        curves_png="results/dpo/report/curves.png",
         curves=directory("results/dpo/report/curves"),
     params:
         report=config["report"],

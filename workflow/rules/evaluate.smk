@@ -6,6 +6,7 @@ rule evaluate_base:
     input:
         code=stage_code("evaluate"),
         model=rules.prepare_model.output.model,
+        test=rules.prepare_data.output.test,
     output:
         eval=directory("results/eval/base"),
     params:
@@ -20,7 +21,7 @@ rule evaluate_base:
     conda:
         ENV
     shell:
-        stage("evaluate", "eval", "--model {input.model} --out {output.eval}")
+        stage("evaluate", "eval", "--model {input.model} --test-data {input.test} --out {output.eval}")
 
 
 rule evaluate:
@@ -29,6 +30,7 @@ rule evaluate:
         run=rules.train.output.run,
         reference=rules.prepare_model.output.model,
         prompts=rules.prepare_data.output.val,
+        test=rules.prepare_data.output.test,
     output:
         eval=directory("results/eval/runs/{method}-{seed}"),
     params:
@@ -46,7 +48,8 @@ rule evaluate:
         stage(
             "evaluate",
             "eval",
-            "--model {input.run}/final --reference {input.reference} --prompts {input.prompts} --out {output.eval}",
+            "--model {input.run}/final --reference {input.reference} --prompts {input.prompts} "
+            "--test-data {input.test} --out {output.eval}",
         )
 
 
@@ -60,6 +63,12 @@ rule report:
         table="results/report/table.md",
         table_csv="results/report/table.csv",
         metrics="results/report/metrics.json",
+        comparisons="results/report/comparisons.md",
+        comparisons_csv="results/report/comparisons.csv",
+        tradeoff="results/report/tradeoff.png",
+        tradeoff_svg="results/report/tradeoff.svg",
+        tradeoff_csv="results/report/tradeoff.csv",
+        curves_png="results/report/curves.png",
         curves=directory("results/report/curves"),
     params:
         report=config["report"],
