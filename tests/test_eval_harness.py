@@ -242,6 +242,16 @@ def test_real_suite_runs_offline_on_tiny_models(real_dir, tmp_path, monkeypatch)
     assert [r["value"] for r in rows["a"]] != [r["value"] for r in rows["b"]]  # two models, two results
     subjects = {r["id"].split("/")[2] for r in rows["a"] if r["metric"] == "mmlu"}
     assert len(subjects) >= LIMIT // 2  # the limit drew from several MMLU subjects
+    # tasks written with only the documents the limit evaluates give the same per-document results
+    capped = build_real_tasks(tmp_path / "capped", max_docs={**{t: LIMIT for t in REAL_TASKS}, "gsm8k": LIMIT + 1})
+    for task in REAL_TASKS:
+        n = LIMIT + 1 if task == "gsm8k" else LIMIT
+        assert read_jsonl(capped / f"{task}.jsonl") == read_jsonl(real_dir / f"{task}.jsonl")[:n], task
+    assert read_jsonl(capped / "gsm8k_fewshot.jsonl") == read_jsonl(real_dir / "gsm8k_fewshot.jsonl")
+    manifest = json.loads((capped / "manifest.json").read_text())["tasks"]
+    assert manifest["mmlu"]["n"] == LIMIT and manifest["mmlu"]["n_total"] == 14042
+    run_retention(tmp_path / "a", "real", limit=LIMIT, task_dir=capped, threads=1, samples_path=tmp_path / "capped.jsonl")
+    assert read_jsonl(tmp_path / "capped.jsonl") == rows["a"]
 
 
 # ------------------------------------------------------------------------------ the synthetic suite

@@ -439,11 +439,12 @@ def test_report_stage_rejects_unknown_and_mistyped_fields(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report_stage.main(argv)
     line = text.count("\n") + 1
-    assert f"{params}:{line}: report.n_bootstrap: unknown field(s) ['n_bootstrap'] for ReportConfig" in capsys.readouterr().err
+    assert f"{params}:{line}: report.n_bootstrap: unknown field(s) ['n_bootstrap']" in capsys.readouterr().err
     params.write_text(text + "  n_boot: many\n")
     with pytest.raises(SystemExit):
         report_stage.main(argv)
-    assert f"{params}:{line}: report.n_boot: expected int" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{params}:{line}: report.n_boot: " in err and "integer" in err, err
     params.write_text(text + "  units: {'*NLL*': nats}\n  higher_is_better: [HE]\n")
     report_stage.main(argv)  # a mapping and a list are accepted where the config holds tuples
     assert "alphatoken_wordnet ?" in (tmp_path / "report" / "comparisons.md").read_text()

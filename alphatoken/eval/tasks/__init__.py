@@ -1,8 +1,7 @@
-"""Data generators of the offline retention suite: each returns plain JSON-able documents that
-`alphatoken.eval.harness.build_offline_tasks` writes next to lm-eval YAML task definitions.
+"""Data generators of the synthetic retention suite (a fallback where no real evaluation set is
+available): each returns plain JSON-able documents that `alphatoken.eval.harness.build_synthetic_tasks`
+writes next to lm-eval YAML task definitions.
 
-    wordnet      -- WordNet definitions as 4-way multiple choice (stands in for ARC-C/MMLU knowledge)
-    arithmetic   -- templated arithmetic word problems, exact match after "####" (stands in for GSM8K)
-    python_lines -- next line of Python standard-library code, 4-way multiple choice (HellaSwag-like
-                    continuation choice)
+    wordnet      -- WordNet definitions as 4-way multiple choice (a knowledge probe)
+    arithmetic   -- templated arithmetic word problems, exact match after "####" (GSM8K's format)
 """
