@@ -89,7 +89,8 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _interval(low, high, low_open: bool, high_open: bool) -> str:
+def interval_text(low, high, low_open: bool = False, high_open: bool = False) -> str:
+    """`in [a, b)`, `>= a`, `< b`, ...: an allowed range in words for error messages ("" when unbounded)."""
     if low is not None and high is not None:
         return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     if low is not None:
@@ -111,7 +112,7 @@ def check_number(owner: str, field: str, value, low: float | None = None, high: 
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        what = " ".join(filter(None, ["a finite number", _interval(low, high, low_open, high_open)]))
+        what = " ".join(filter(None, ["a finite number", interval_text(low, high, low_open, high_open)]))
         raise ConfigError(field, f"expected {'None or ' if optional else ''}{what}, got {value!r}", owner)
 
 

@@ -183,6 +183,8 @@ def _schema_at(schema: dict, path: tuple) -> dict:
 def describe_schema(schema: dict) -> str:
     """What a schema accepts, in words: `an integer >= 1`, `null or a finite number in (0, 1]`,
     `one of ['cosine', 'constant']`, `a non-empty list of ...`."""
+    from alphatoken.data import interval_text  # the config dataclasses' own wording of a range
+
     if "enum" in schema:
         return f"one of {schema['enum']}"
     kinds = schema.get("type", [])
@@ -192,7 +194,7 @@ def describe_schema(schema: dict) -> str:
         if kind in ("integer", "number"):
             low = schema.get("exclusiveMinimum", schema.get("minimum"))
             high = schema.get("exclusiveMaximum", schema.get("maximum"))
-            bounds = _bounds(low, high, "exclusiveMinimum" in schema, "exclusiveMaximum" in schema)
+            bounds = interval_text(low, high, "exclusiveMinimum" in schema, "exclusiveMaximum" in schema)
             words.append(("an integer" if kind == "integer" else "a finite number") + (f" {bounds}" if bounds else ""))
         elif kind == "array":
             low, high = schema.get("minItems", 0), schema.get("maxItems")
@@ -202,16 +204,6 @@ def describe_schema(schema: dict) -> str:
         elif kind != "null":
             words.append({"string": "a string", "boolean": "true or false", "object": "a mapping"}.get(kind, kind))
     return " or ".join(words) or "a valid value"
-
-
-def _bounds(low, high, low_open: bool, high_open: bool) -> str:
-    if low is not None and high is not None:
-        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    if low is not None:
-        return f"{'>' if low_open else '>='} {low:g}"
-    if high is not None:
-        return f"{'<' if high_open else '<='} {high:g}"
-    return ""
 
 
 def _check_type(section: Section, field: str, value: Any, default: Any) -> None:
