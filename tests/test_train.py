@@ -87,6 +87,14 @@ def test_policies_without_valuer_train(tmp_path, tokenizer, name):
     assert abs(metrics["mean_kept_fraction"] - expected_kept) < 0.1
 
 
+def test_non_finite_weights_never_become_a_final_checkpoint(tmp_path, tokenizer):
+    """A finite but absurd learning rate overflows the weights in finite steps (AdamW moves each weight
+    by about lr): the run raises instead of writing final/ and metrics.json."""
+    with pytest.raises(FloatingPointError, match="non-finite values"):
+        train_sft(build_tiny_model("llama"), tokenizer, examples(), None, config(tmp_path, "full", lr=1e308))
+    assert not (tmp_path / "final").exists() and not (tmp_path / "metrics.json").exists()
+
+
 def test_zero_mask_steps_are_skipped_and_counted(tmp_path, tokenizer):
     # STM with a perplexity threshold of 1 keeps only tokens with reference loss <= 0: none.
     cfg = config(tmp_path, "stm", policy=PolicyConfig(name="stm", stm_ppl_threshold=1.0))

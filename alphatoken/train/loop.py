@@ -803,6 +803,14 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
 
     if policy.adapter == "lora":
         model = model.merge_and_unload()
+    broken = [name for name, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
+    if broken:  # never a final checkpoint (and exit status 0) with non-finite weights
+        if live is not None:
+            live.end()
+        raise FloatingPointError(
+            f"after {total_steps} steps {len(broken)} parameter tensors hold non-finite values (first: {broken[0]}); "
+            f"no final checkpoint is written to {out / FINAL_DIR}. Lower the learning rate (lr={config.lr}) or "
+            "set max_grad_norm, then delete the run directory to start over")
     final_dir = None
     if rank == 0:
         from alphatoken.models import save_pretrained
