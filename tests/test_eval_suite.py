@@ -95,7 +95,9 @@ def test_evaluate_checkpoint_end_to_end(checkpoints, tmp_path):
     assert metrics[OVERALL] == pytest.approx((metrics[GENERAL_AVG] + metrics[TARGET]) / 2)
     raw = json.loads((tmp_path / "run" / "retention.json").read_text())
     assert raw["tasks"]["suite"] == "real" and raw["n-samples"]["arc_challenge"]["effective"] == 2
-    assert not (tmp_path / "run" / "tasks").exists()  # the real suite's data stay in the package
+    # with a limit, only the documents it evaluates are written (the first of each seeded order)
+    written = json.loads((tmp_path / "run" / "tasks" / "manifest.json").read_text())["tasks"]
+    assert written["arc_challenge"]["n"] == 2 and written["arc_challenge"]["n_total"] == 1172
     assert metrics[KL_SKIPPED] == 0.0
     # the KL equals a direct recomputation on the first kl_prompts prompts with the loaded models
     from alphatoken.models import ModelSpec, load_model

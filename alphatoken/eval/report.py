@@ -60,7 +60,7 @@ PER_EXAMPLE_FILE = "per_example.jsonl"  # beside each run's metrics.json
 
 # Percentages (higher is better) and divergences / NLLs in nats (lower is better): the defaults of
 # ReportConfig's direction patterns and units.
-PERCENT_METRICS = (TARGET, HE_HUMAN_EVAL, "MBPP*", GENERAL_AVG, PREFERENCE_AVG, OVERALL, "alphatoken_*",
+PERCENT_METRICS = (TARGET, HE_HUMAN_EVAL, "MBPP", GENERAL_AVG, PREFERENCE_AVG, OVERALL, "alphatoken_*",
                    "arc_challenge", "hellaswag", "mmlu", "gsm8k", "AlpacaEval*", "Arena-Hard*")
 NATS_METRICS = (KL, "*KL*", "*NLL*")
 UNITS = tuple((p, "pp") for p in PERCENT_METRICS) + tuple((p, "nats") for p in NATS_METRICS)
