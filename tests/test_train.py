@@ -116,10 +116,15 @@ def test_bad_examples_are_counted_or_named(tmp_path, tokenizer):
 
 
 def _poison(model, tokenizer, text):
-    """NaN in the embedding rows of the bytes of `text`: every sequence containing them has a NaN loss."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        model.get_input_embeddings().weight[ids] = float("nan")
+    """NaN embeddings for the bytes of `text` (a forward hook: the weights stay finite): every sequence
+    containing them has a NaN loss."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def hook(module, args, output):
+        hit = torch.isin(args[0], ids)  # (B, T)
+        return output.masked_fill(hit[..., None], float("nan"))
+
+    model.get_input_embeddings().register_forward_hook(hook)
     return model
 
 
