@@ -18,6 +18,7 @@ include: "workflow/rules/fisher.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/dpo.smk"
+include: "workflow/rules/diagnostics.smk"  # run by name (not in `all`): proxy_oracle, attention_deviation
 
 
 rule all:

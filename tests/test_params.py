@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
 OVERLAYS = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "experiments").glob("*.yaml"))
 SECTIONS = ("model", "corpus", "data", "fisher", "valuation", "train", "eval", "report", "preference_data",
-            "warmstart", "dpo")  # the sections a stage reads (routes and resources are read by the rules)
+            "warmstart", "dpo", "diagnostics")  # the sections a stage reads (routes and resources are read by the rules)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +253,9 @@ def test_schema_lists_exactly_the_keys_the_stages_read():
     assert set(inspect.signature(build_tiny_model).parameters) - {"dtype", "attn_implementation"} == \
         set(params_schema()["properties"]["model"]["properties"]["tiny"]["properties"])
     assert _schema_keys("eval") <= {f.name for f in dataclasses.fields(EvalConfig)}  # open block: no stale key
+    from alphatoken.eval.diagnostics import DiagnosticsConfig
+
+    assert _schema_keys("diagnostics") == {f.name for f in dataclasses.fields(DiagnosticsConfig)} | {"run"}
     methods = params_schema()["properties"]["train"]["properties"]["methods"]["items"]["enum"]
     assert sorted(methods) == sorted(POLICIES)
 

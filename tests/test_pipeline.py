@@ -15,6 +15,7 @@ One scratch git repository (`git init`, `dvc init`) with a copy of the pipeline:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -40,6 +41,9 @@ DVC_STAGES = ({"build_corpus", "prepare_model", "prepare_data", "prepare_prefere
                "warmstart_sft", "ref_logps", "evaluate_base", "evaluate_warmstart", "report", "report_dpo", "heatmap"}
               | {f"{rule}@{run}" for rule in ("train", "evaluate") for run in SFT_RUNS}
               | {f"{rule}@{run}" for rule in ("train_dpo", "evaluate_dpo") for run in DPO_RUNS})
+
+# the diagnostics (App. D), run by name on the smoke DAG's alphatoken run; DVC stages too
+DIAGNOSTIC_STAGES = {"proxy_oracle", "attention_deviation"}
 
 pytestmark = pytest.mark.slow
 
@@ -83,6 +87,16 @@ def smoke_repo(tmp_path_factory) -> tuple[Path, float]:
             shutil.copy2(src, repo / name)
     began = time.perf_counter()
     run(repo, str(BIN / "snakemake"), "-c2", "--configfile", "configs/smoke.yaml")
+    return repo, time.perf_counter() - began
+
+
+@pytest.fixture(scope="module")
+def smoke_diagnostics(smoke_repo) -> tuple[Path, float]:
+    """Both diagnostic rules run by name on the smoke DAG's outputs (its Fisher, alphatoken run, data)."""
+    repo, _ = smoke_repo
+    began = time.perf_counter()
+    out = run(repo, str(BIN / "snakemake"), "-c2", *sorted(DIAGNOSTIC_STAGES), "--configfile", "configs/smoke.yaml")
+    assert "Job stats" in out and "train" not in re.findall(r"^(\w+)\s+\d+\s*$", out.split("Job stats:", 1)[1], re.M)
     return repo, time.perf_counter() - began
 
 
@@ -147,14 +161,44 @@ def test_smoke_dag_runs_end_to_end(smoke_repo):
     assert snakemake_pending(repo) == set()
 
 
-def test_a_change_reruns_only_its_dependants_in_both_front_ends(smoke_repo):
+def test_diagnostics_run_by_name_on_the_smoke_dag(smoke_diagnostics):
+    """proxy_oracle and attention_deviation reuse the DAG's outputs (nothing upstream reruns) and write
+    finite summaries with their figures; the oracle set names its 4 x oracle_per_task documents."""
+    repo, seconds = smoke_diagnostics
+    print(f"smoke diagnostics: {seconds:.1f} s")
+    smoke = yaml.safe_load((repo / "configs/smoke.yaml").read_text())["diagnostics"]
+    oracle = json.loads((repo / "results/diagnostics/proxy_oracle/summary.json").read_text())
+    for name in ("pearson", "spearman"):
+        value, (lo, hi) = oracle[name]["value"], oracle[name]["ci"]
+        assert all(map(math.isfinite, (value, lo, hi))) and -1 <= lo <= value <= hi <= 1, name
+    top = oracle["top_overlap"]
+    assert 0 <= top["proxy_vs_oracle"] <= 1 and abs(top["random_expected"] - 0.5) < 0.05 and top["random_draws"] == 20
+    assert oracle["examples"] == smoke["n_examples"] and oracle["tokens"] > 0
+    docs = json.loads((repo / "results/diagnostics/proxy_oracle/oracle_docs.json").read_text())
+    assert {task: len(ids) for task, ids in docs["ids"].items()} == {
+        t: smoke["oracle_per_task"] for t in ("arc_challenge", "hellaswag", "mmlu", "gsm8k")}
+    tokens = (repo / "results/diagnostics/proxy_oracle/tokens.csv").read_text().splitlines()
+    assert tokens[0] == "example,position,token,proxy,oracle" and len(tokens) == oracle["tokens"] + 1
+    attention = json.loads((repo / "results/diagnostics/attention/summary.json").read_text())
+    assert attention["pairs"] > 0 and attention["blocks"] == [2, 3]  # the tiny model's last K = 2 of 4 blocks
+    for key in ("alpha", "deviation", "alpha_times_d"):
+        assert all(math.isfinite(v) for v in attention[key].values()), key
+    assert 0 <= attention["alpha"]["max"] <= 1
+    assert all(0 <= f <= 1 for f in attention["fraction_below"].values())
+    for png in ("proxy_oracle/proxy_oracle.png", "attention/attention.png"):
+        assert (repo / "results/diagnostics" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    for name in DIAGNOSTIC_STAGES:
+        assert (repo / f"logs/{name}.log").is_file() and (repo / f"benchmarks/{name}.tsv").is_file()
+
+
+def test_a_change_reruns_only_its_dependants_in_both_front_ends(smoke_repo, smoke_diagnostics):
     repo, _ = smoke_repo
     run(repo, sys.executable, "workflow/scripts/sync_dvc.py", "--use", "configs/smoke.yaml")
     (repo / ".gitignore").write_text("/.snakemake/\n/logs/\n/benchmarks/\n__pycache__/\n")
     run(repo, "git", "init", "-q")
     run(repo, str(BIN / "dvc"), "init", "-q")
     stages = set(re.findall(r"^([\w@-]+)\s", run(repo, str(BIN / "dvc"), "stage", "list"), re.M))
-    assert stages == DVC_STAGES  # the same jobs as Snakemake ran, matrix stages expanded
+    assert stages == DVC_STAGES | DIAGNOSTIC_STAGES  # the same jobs as Snakemake ran, matrix stages expanded
     run(repo, str(BIN / "dvc"), "commit", "-f", "-q")  # record the outputs Snakemake made
     assert dvc_changed(repo) == set()
     assert snakemake_pending(repo) == set()  # merging the overlay into params.yaml changed no value
@@ -215,7 +259,9 @@ def test_a_change_reruns_only_its_dependants_in_both_front_ends(smoke_repo):
     run(repo, "git", "commit", "-q", "-m", "smoke pipeline")
     out = run(repo, str(BIN / "dvc"), "exp", "run", "-S", "train.rho=0.25", "-n", "rho-quarter")
     ran = set(re.findall(r"Running stage '([\w@-]+)'", out))
-    assert ran == {f"{rule}@{r}" for rule in ("train", "evaluate") for r in SFT_RUNS} | {"report", "heatmap"}, out
+    # the diagnostics depend on the runs' directory (and proxy_oracle on train.rho): DVC has no default target
+    assert ran == ({f"{rule}@{r}" for rule in ("train", "evaluate") for r in SFT_RUNS} | {"report", "heatmap"}
+                   | DIAGNOSTIC_STAGES), out
     shown = json.loads(run(repo, str(BIN / "dvc"), "exp", "show", "--json"))
     experiments = [e for base in shown for e in (base.get("experiments") or [])]
     record = next(r["revs"][0]["data"] for r in experiments if r.get("name") == "rho-quarter")

@@ -6,8 +6,10 @@
                                   # merge an overlay into params.yaml (DVC reads only that file),
                                   # then write dvc.yaml for it (e.g. its `routes`)
 
-Every job of the default DAG (`snakemake --forceall`, default parameters) that runs a shell command
-becomes one DVC stage with
+Every job of the default DAG (`snakemake --forceall`, default parameters) and of the rules run by name
+(`ON_DEMAND_RULES`: not in `all`, but DVC has no default target, so they are stages too and `dvc repro`
+runs them; `dvc repro report heatmap` runs the default targets only) that runs a shell command becomes one DVC
+stage with
     cmd     the rule's shell command without its log redirection,
     deps    the rule's inputs: upstream outputs and the stage's source files (its import closure
             inside alphatoken/, see stagedeps.py), so a library edit reruns the stages importing it,
@@ -44,6 +46,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # run could not resume under `dvc repro`. The stage decides itself whether what it finds there may be
 # reused (alphatoken.train.loop: the run identity), so persisting never mixes two configurations.
 RESUMABLE_STAGES = ("alphatoken.stages.train",)
+DEFAULT_TARGET = "all"  # the Snakefile's default target rule
+# Rules outside the default target (`snakemake proxy_oracle` runs them by name): the diagnostics.
+ON_DEMAND_RULES = ("proxy_oracle", "attention_deviation")
 HEADER = (
     "# Generated from the Snakemake rules (workflow/rules/*.smk) by workflow/scripts/sync_dvc.py:\n"
     "# edit the rules, then run `python workflow/scripts/sync_dvc.py`. tests/test_pipeline_dag.py\n"
@@ -141,7 +146,7 @@ def snakemake_stages(root: Path = ROOT) -> tuple[dict, dict]:
     with SnakemakeApi(OutputSettings(quiet={Quietness.ALL, Quietness.PROGRESS, Quietness.RULES,
                                             Quietness.HOST, Quietness.REASON})) as api:
         workflow_api = api.workflow(resource_settings=ResourceSettings(), snakefile=root / "Snakefile", workdir=root)
-        workflow_api.dag(DAGSettings(forceall=True))
+        workflow_api.dag(DAGSettings(forceall=True, targets=frozenset((DEFAULT_TARGET, *ON_DEMAND_RULES))))
         workflow = workflow_api._workflow
         workflow._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True, nolock=True)
         workflow._build_dag()
