@@ -7,7 +7,16 @@ weights `[B, T-1]` (0/1 masks, or soft weights), through one small interface, :c
 - `scores`: the valuer's token values moved to loss positions (`total` and the four components);
 - `reference_loss [B, T-1]`: the reference (base) model's per-position NLL, computed once per
   example before training and cached by the training loop;
-- `rho`: the retained ratio for this step (after the rho schedule), and a seeded `generator`.
+- `rho`: the retained ratio for this step (after the rho schedule), and a seeded `generator`;
+- for the baselines that need them (`alphatoken.policy_inputs`): `precomputed [B, T-1]`, the policy's
+  own per-example values computed once before the first update from the reference model over the
+  whole training set (`Policy.precompute`: FLOW's weights, XTF's masks); `attention [B, T, T]`, the
+  last decoder block's head-mean attention probabilities of this forward (`Policy.needs_attention`:
+  ssToken); `epoch_position [B]`, each row's position in the epoch's data order (ssToken's warm-up).
+
+The step's normaliser K (the training loop divides the step's gradient by it) is the sum of the
+weights unless a policy says otherwise (`Policy.normalizer_share`: FLOW and TALR divide by the
+number of response tokens, as their sources do).
 
 Top-rho selection is per micro-batch and per DPO branch (`alphatoken.losses.top_rho_mask`: exactly
 `ceil(rho * N)` kept, ties broken by flat index).
@@ -15,6 +24,7 @@ Top-rho selection is per micro-batch and per DPO branch (`alphatoken.losses.top_
 
 from __future__ import annotations
 
+import keyword
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -25,6 +35,9 @@ from alphatoken.data import ConfigError, check_choice, check_int, check_number
 from alphatoken.losses import kept_count, soft_weights, top_rho_mask
 
 SCHEDULES = ("constant", "linear", "cosine")
+# The step's normaliser K: the sum of the weights (mean over kept tokens), the number of response
+# tokens, or the number of sequences of the step.
+NORMALIZERS = ("weights", "tokens", "sequences")
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,17 @@ class PolicyConfig:
     lora_alpha: float = 32.0  # LoRA: scaling numerator (scale = alpha / rank)
     lora_dropout: float = 0.0  # LoRA: dropout on the adapter input
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # LoRA: attention + MLP projections
+    xtf_attention_layers: int | None = None  # XTF: reasoning importance from the attention of the last k blocks (None: every block)
+    xtf_iqr_factor: float = 1.0  # XTF: a token's received attention below Q1 - factor * (Q3 - Q1) of its response is noise
+    xtf_novelty_threshold: float = 0.95  # XTF: a token the base model predicts with probability above this is known (noise)
+    xtf_distance: str = "cosine"  # XTF: task-relevance distance of a token's input embedding to the domain centroid ("cosine", "euclidean")
+    xtf_domain_words: tuple[str, ...] = tuple(keyword.kwlist)  # XTF: words whose input embeddings make the domain centroid (code: Python's keywords)
+    sstoken_gamma: float = 0.5  # ssToken: score = gamma * minmax(l_ref - l) + (1 - gamma) * attention to the prompt (1: Token Cleaning per example)
+    sstoken_attention_only_examples: int = 10000  # ssToken: the first examples of each epoch are selected by attention alone (gamma = 0)
+    talr_tau: float | None = None  # TALR: fixed temperature; None: the median over the micro-batch's sequences of their mean NLL
+    talr_weight_floor: float = 0.01  # TALR: weights max(p^(1/tau), floor)
+    talr_normalize: str = "tokens"  # TALR: sum w l divided by the response "tokens", the "sequences", or the "weights" (sum w)
+    flow_temperature: float | None = None  # FLOW: fixed temperature; None: the median per-example reference loss of the training set
 
     def __post_init__(self):
         owner = "PolicyConfig"
@@ -63,6 +87,20 @@ class PolicyConfig:
                 or not all(isinstance(t, str) and t for t in self.lora_targets):
             raise ConfigError("lora_targets", f"expected a non-empty list of module names, got {self.lora_targets!r}", owner)
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        check_int(owner, "xtf_attention_layers", self.xtf_attention_layers, 1, optional=True)
+        check_number(owner, "xtf_iqr_factor", self.xtf_iqr_factor, 0.0)
+        check_number(owner, "xtf_novelty_threshold", self.xtf_novelty_threshold, 0.0, 1.0)
+        check_choice(owner, "xtf_distance", self.xtf_distance, ("cosine", "euclidean"))
+        if isinstance(self.xtf_domain_words, str) or not isinstance(self.xtf_domain_words, (list, tuple)) \
+                or not self.xtf_domain_words or not all(isinstance(w, str) and w.strip() for w in self.xtf_domain_words):
+            raise ConfigError("xtf_domain_words", f"expected a non-empty list of words, got {self.xtf_domain_words!r}", owner)
+        object.__setattr__(self, "xtf_domain_words", tuple(self.xtf_domain_words))
+        check_number(owner, "sstoken_gamma", self.sstoken_gamma, 0.0, 1.0)
+        check_int(owner, "sstoken_attention_only_examples", self.sstoken_attention_only_examples, 0)
+        check_number(owner, "talr_tau", self.talr_tau, 0.0, low_open=True, optional=True)
+        check_number(owner, "talr_weight_floor", self.talr_weight_floor, 0.0, 1.0)
+        check_choice(owner, "talr_normalize", self.talr_normalize, NORMALIZERS)
+        check_number(owner, "flow_temperature", self.flow_temperature, 0.0, low_open=True, optional=True)
         policy = POLICIES[self.name]
         if policy.adapter == "lora" and policy.needs_scores and self.lora_dropout != 0:
             raise ConfigError("lora_dropout", f"{self.lora_dropout}: policy {self.name!r} scores the LoRA factors, "
@@ -89,6 +127,23 @@ class TokenContext:
     scores: object | None = None  # TokenScores moved to loss positions (see `scores_to_loss_positions`)
     reference_loss: torch.Tensor | None = None  # (B, T-1) reference-model NLL, cached
     generator: torch.Generator | None = None  # seeded per (seed, step, micro-batch, branch)
+    precomputed: torch.Tensor | None = None  # (B, T-1) the policy's step-0 values of these examples (Policy.precompute), 0-padded
+    attention: torch.Tensor | None = None  # (B, T, T) head-mean attention probabilities (query, key) of the last block, detached
+    epoch_position: torch.Tensor | None = None  # (B,) int64 position of each row's example in this epoch's data order
+
+
+@dataclass
+class StepZeroInputs:
+    """What `Policy.precompute` reads, once, before the first update (the training loop gives it and
+    caches the result in the run directory like the reference losses)."""
+
+    model: object  # the reference (base) model, before any update
+    tokenizer: object
+    features: list  # the encoded training examples in dataset order: {"input_ids", "labels"} lists
+    reference_losses: list  # per example: (len-1,) the reference model's NLL per loss position (0 off the response)
+    pad_id: int  # padding token id for batching
+    device: object  # where the model runs
+    micro_batch_size: int  # examples per forward
 
 
 @dataclass(frozen=True)
@@ -104,14 +159,40 @@ class Policy:
     dpo_form: str = "alpha"  # "alpha": Eq. 14 surrogate; "masked_logit": masks inside the DPO logit (ConfPO)
     adapter: str | None = None  # "lora": train LoRA adapters instead of the full weights
     random: bool = False  # draws from ctx.generator
+    precompute: object = None  # callable(StepZeroInputs, PolicyConfig) -> one (len-1,) tensor per example, or None
+    needs_attention: bool = False  # needs ctx.attention, the last block's attention probabilities of the forward
+    normalizer: object = None  # callable(PolicyConfig) -> one of NORMALIZERS; None: "weights"
+    sft_only: bool = False  # an SFT method: refused by the DPO loop
 
     def weights(self, ctx: TokenContext, config: PolicyConfig) -> torch.Tensor:
         if self.needs_scores and ctx.scores is None:
             raise ValueError(f"policy {self.name!r} needs token scores from the valuer")
         if self.needs_reference_loss and ctx.reference_loss is None:
             raise ValueError(f"policy {self.name!r} needs the reference model's per-token losses")
+        if self.precompute is not None and (ctx.precomputed is None or ctx.precomputed.shape != ctx.valid.shape):
+            got = None if ctx.precomputed is None else tuple(ctx.precomputed.shape)
+            raise ValueError(f"policy {self.name!r} needs its step-0 values (Policy.precompute) as ctx.precomputed of "
+                             f"shape {tuple(ctx.valid.shape)}, got {got}")
+        if self.needs_attention:
+            expected = (ctx.valid.shape[0], ctx.valid.shape[1] + 1, ctx.valid.shape[1] + 1)
+            if ctx.attention is None or tuple(ctx.attention.shape) != expected:
+                got = None if ctx.attention is None else tuple(ctx.attention.shape)
+                raise ValueError(f"policy {self.name!r} needs the last block's head-mean attention probabilities as "
+                                 f"ctx.attention of shape {expected}, got {got}")
         weights = self.rule(ctx, config)
         return weights.detach().to(ctx.token_loss.dtype) * ctx.valid
+
+    def normalizer_share(self, weights: torch.Tensor, valid: torch.Tensor, config: PolicyConfig) -> torch.Tensor:
+        """This micro-batch's (or DPO branch's) share of the step's normaliser K: the sum of the
+        weights (default), the number of response tokens, or the number of sequences (rows)."""
+        kind = "weights" if self.normalizer is None else self.normalizer(config)
+        if kind == "weights":
+            return weights.sum()
+        if kind == "tokens":
+            return valid.sum().to(weights.dtype)
+        if kind == "sequences":
+            return torch.tensor(float(valid.shape[0]), dtype=weights.dtype, device=weights.device)
+        raise ValueError(f"policy {self.name!r}: unknown normaliser {kind!r}; expected one of {list(NORMALIZERS)}")
 
 
 SCORE_FIELDS = ("total", "tgt_dir", "tgt_cau", "prx_dir", "prx_cau")
@@ -167,6 +248,76 @@ def _confpo(ctx, config):
     return ctx.valid & (confidence < threshold)
 
 
+def _xtf(ctx, config):
+    return ctx.precomputed > 0  # the step-0 keep mask
+
+
+def _xtf_precompute(inputs: StepZeroInputs, config: PolicyConfig) -> list:
+    from alphatoken.policy_inputs import xtf_keep_masks
+
+    return xtf_keep_masks(inputs.model, inputs.tokenizer, inputs.features, inputs.reference_losses, inputs.pad_id,
+                          inputs.device, inputs.micro_batch_size, config.xtf_attention_layers, config.xtf_iqr_factor,
+                          config.xtf_novelty_threshold, config.xtf_distance, config.xtf_domain_words)
+
+
+def sstoken_scores(token_loss: torch.Tensor, reference_loss: torch.Tensor, attention: torch.Tensor, valid: torch.Tensor,
+                   gamma: torch.Tensor) -> torch.Tensor:
+    """ssToken's token score, per row b over its response positions:
+    `gamma_b * (x - min x) / (max x - min x + 1e-8) + (1 - gamma_b) * a`, x = l_ref - l (the
+    retrospective excess loss, min and max over the row's response), a = `prompt_attention_mass`.
+    All `(B, T-1)` but attention `(B, T, T)` and gamma `(B,)`; 0 where not valid."""
+    from alphatoken.policy_inputs import prompt_attention_mass
+
+    valid = valid.bool()
+    excess = (reference_loss - token_loss).to(torch.float64)  # (B, T-1)
+    high = torch.where(valid, excess, torch.full_like(excess, -math.inf)).amax(dim=1, keepdim=True)  # (B, 1)
+    low = torch.where(valid, excess, torch.full_like(excess, math.inf)).amin(dim=1, keepdim=True)  # (B, 1)
+    normalised = torch.where(valid, (excess - low) / (high - low + 1e-8), torch.zeros_like(excess))  # (B, T-1)
+    semantic = prompt_attention_mass(attention.to(torch.float64), valid)  # (B, T-1)
+    g = gamma.to(torch.float64)[:, None]  # (B, 1)
+    return (g * normalised + (1 - g) * semantic) * valid
+
+
+def _sstoken(ctx, config):
+    gamma = torch.full((ctx.valid.shape[0],), config.sstoken_gamma, dtype=torch.float64, device=ctx.valid.device)  # (B,)
+    if config.sstoken_attention_only_examples > 0:
+        if ctx.epoch_position is None:
+            raise ValueError(f"policy 'sstoken' with sstoken_attention_only_examples={config.sstoken_attention_only_examples} "
+                             "needs ctx.epoch_position (each row's position in the epoch's data order)")
+        warm = ctx.epoch_position.to(gamma.device) < config.sstoken_attention_only_examples  # (B,)
+        gamma = torch.where(warm, torch.zeros_like(gamma), gamma)
+    scores = sstoken_scores(ctx.token_loss, ctx.reference_loss, ctx.attention, ctx.valid, gamma)  # (B, T-1)
+    rows = [top_rho_mask(scores[b], ctx.valid[b], ctx.rho) for b in range(scores.shape[0])]  # ceil(rho * |response|) each
+    return torch.stack(rows)
+
+
+def talr_weights(token_loss: torch.Tensor, valid: torch.Tensor, tau: float | None = None, floor: float = 0.01) -> torch.Tensor:
+    """TALR weights `w = max(max(p, 1e-6)^(1/tau), floor)`, `p = exp(-l)`, detached; tau None: the
+    median (`torch.median`: the lower middle value for an even count) over the rows of their mean
+    response NLL, at least 1e-6. token_loss, valid `(B, T-1)`; returns `(B, T-1)`, 0 where not valid."""
+    loss = token_loss.detach()
+    valid = valid.bool()
+    if tau is None:
+        per_row = (loss * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)  # (B,)
+        tau = max(float(per_row.median()), 1e-6)
+    probability = torch.exp(-loss).clamp(min=1e-6)  # (B, T-1)
+    return probability.pow(1.0 / tau).clamp(min=floor) * valid
+
+
+def _talr(ctx, config):
+    return talr_weights(ctx.token_loss, ctx.valid, config.talr_tau, config.talr_weight_floor)
+
+
+def _flow(ctx, config):
+    return ctx.precomputed  # w_i on example i's response positions
+
+
+def _flow_precompute(inputs: StepZeroInputs, config: PolicyConfig) -> list:
+    from alphatoken.policy_inputs import flow_example_weights
+
+    return flow_example_weights(inputs.features, inputs.reference_losses, config.flow_temperature)
+
+
 _NO_PROXY = {"use_prx_dir": False, "use_prx_cau": False}
 _NO_TARGET = {"use_tgt_dir": False, "use_tgt_cau": False}
 
@@ -214,6 +365,48 @@ _register(Policy(
     "preference optimization', ICML 2025): keep low-confidence tokens (policy probability below the mean "
     "probability of the response, or the ceil(rho N) least confident) and compute the DPO logit over them.",
     dpo_form="masked_logit",
+))
+_register(Policy(
+    "xtf", _xtf,
+    "XTF (Yang et al., 'Explainable token-level noise filtering for LLM fine-tuning datasets', ICLR 2026; arXiv "
+    "2602.14536, no official code): a mask fixed before training from the base model; a response token is noise "
+    "(masked) when its reasoning importance (mean attention received from the later tokens, heads of the last "
+    "`xtf_attention_layers` blocks, all by default) is below Q1 - xtf_iqr_factor (Q3 - Q1) of its response, or "
+    "its knowledge novelty is low (base probability > xtf_novelty_threshold), or its task relevance (1 - min-max "
+    "normalised `xtf_distance` of its input embedding to the mean embedding of `xtf_domain_words`, Python's "
+    "keywords by default) is in the second-lowest of three Multi-Otsu classes over the training set's response "
+    "tokens. A rule, not a ratio: rho is not used. The reading of each unspecified choice: "
+    "`alphatoken.policy_inputs.xtf_keep_masks`.",
+    needs_reference_loss=True, precompute=_xtf_precompute, sft_only=True,
+))
+_register(Policy(
+    "sstoken", _sstoken,
+    "ssToken (Qin et al., 'ssToken: self-modulated and semantic-aware token selection for LLM fine-tuning', ICLR "
+    "2026), as jianke0604/ssToken scripts/finetune.py (`filter_tokens_with_attention_loss` and its training loop) "
+    "computes it: per example, score = g * minmax(l_ref - l) + (1 - g) * the last block's head-mean attention from "
+    "the token's own position to the prompt, keep ceil(rho |response|) (the paper's matched rho instead of the "
+    "source's data_prop 0.6); g = sstoken_gamma (source `ratio` 0.5), except g = 0 for the first "
+    "sstoken_attention_only_examples (source `pre_index` 10000) examples of each epoch. The history model is the "
+    "base model (source: `calculate_token_loss.py` on the base model).",
+    needs_reference_loss=True, needs_attention=True, sft_only=True,
+))
+_register(Policy(
+    "talr", _talr,
+    "TALR, token-adaptive loss reweighting (Lin et al., 2026), as shankarp8/distillation-retains-capabilities "
+    "src/disc/objectives.py (`talr_loss`, `compute_dynamic_tau`) computes it: w = stopgrad(max(max(p, 1e-6)^(1/tau), "
+    "talr_weight_floor)), tau = the median over the micro-batch's sequences of their mean NLL (or talr_tau); loss "
+    "= sum w l / the response tokens (source normalize='mean'; talr_normalize: 'sequences' is the source's 'sum', "
+    "'weights' normalises w over the step).",
+    normalizer=lambda config: config.talr_normalize, sft_only=True,
+))
+_register(Policy(
+    "flow", _flow,
+    "FLOW (Sanyal et al., 'Upweighting easy samples in fine-tuning mitigates forgetting', 2025), as "
+    "sanyalsunny111/FLOW_finetuning language/get_dataset_temperature.py, create_weighted_dataset.py (loss type "
+    "'sequence') and utils/trainer_utils.py (`WeightedLossTrainer.compute_loss`) compute it: fixed sample weights "
+    "w_i = exp(-L_i / tau), L_i the base model's mean response NLL of example i, tau the median of L_i over the "
+    "training set (or flow_temperature), not normalised; loss = sum_i w_i sum_t l_it / the step's response tokens.",
+    needs_reference_loss=True, precompute=_flow_precompute, normalizer=lambda config: "tokens", sft_only=True,
 ))
 _register(Policy("lora", _keep_all, "LoRA (Hu et al., ICLR 2022): full-token training of low-rank adapters on the attention and MLP projections; the backbone is frozen.", adapter="lora"))
 _register(Policy(

@@ -49,6 +49,8 @@ FLOAT_FIELDS = [  # (dataclass, field, other settings the check needs to be reac
     (ValuationConfig, "lam", {}),
     (PolicyConfig, "rho", {}), (PolicyConfig, "rho_end", {"rho_schedule": "linear"}),
     (PolicyConfig, "stm_ppl_threshold", {}), (PolicyConfig, "lora_alpha", {}), (PolicyConfig, "lora_dropout", {}),
+    (PolicyConfig, "xtf_iqr_factor", {}), (PolicyConfig, "xtf_novelty_threshold", {}), (PolicyConfig, "sstoken_gamma", {}),
+    (PolicyConfig, "talr_tau", {}), (PolicyConfig, "talr_weight_floor", {}), (PolicyConfig, "flow_temperature", {}),
     (FisherConfig, "temperature", {}), (FisherConfig, "top_p", {}),
 ]
 
