@@ -45,7 +45,7 @@ SECTIONS = ("model", "corpus", "data", "fisher", "valuation", "train", "eval", "
 
 FLOAT_FIELDS = [  # (dataclass, field, other settings the check needs to be reached)
     (TrainConfig, "lr", {}), (TrainConfig, "weight_decay", {}), (TrainConfig, "adam_eps", {}),
-    (TrainConfig, "warmup_ratio", {}), (TrainConfig, "max_grad_norm", {}), (TrainConfig, "dpo_beta", {}),
+    (TrainConfig, "warmup_ratio", {}), (TrainConfig, "sgd_momentum", {"optimizer": "sgd"}), (TrainConfig, "max_grad_norm", {}), (TrainConfig, "dpo_beta", {}),
     (ValuationConfig, "lam", {}),
     (PolicyConfig, "rho", {}), (PolicyConfig, "rho_end", {"rho_schedule": "linear"}),
     (PolicyConfig, "stm_ppl_threshold", {}), (PolicyConfig, "lora_alpha", {}), (PolicyConfig, "lora_dropout", {}),
@@ -204,7 +204,7 @@ BAD_OVERLAYS = [
     ("valuation:\n  lam: -1.5\n", "valuation", ":2: valuation.lam: expected a finite number >= 0, got -1.5"),
     ("valuation:\n  window: 2.5\n", "valuation", ":2: valuation.window: expected an integer >= 0, got 2.5"),
     ("fisher:\n  top_p: 1.5\n", "fisher", ":2: fisher.top_p: expected a finite number in (0, 1], got 1.5"),
-    ("train:\n  methods: [alphatoken, alphatokn]\n", "train", ":2: train.methods[1]: expected one of ['alphatoken',"),
+    ("train:\n  methods: [alphatoken, Alpha-Token]\n", "train", ":2: train.methods[1]: expected a string matching"),
     ("train:\n  adam_betas: [0.9, 1.0]\n", "train", ":2: train.adam_betas[1]: expected a finite number in [0, 1), got 1.0"),
     ("data:\n  on_error: ignore\n", "data", ":2: data.on_error: expected one of ['raise', 'drop'], got 'ignore'"),
     ("model:\n  tiny: {arch: llama, dtype: float64}\n", "model", ":2: model.tiny.dtype: unknown field(s) ['dtype']"),
@@ -238,12 +238,12 @@ def test_schema_lists_exactly_the_keys_the_stages_read():
     from alphatoken.stages import fisher as fisher_module
     from alphatoken.stages import prepare_data as data_module
     from alphatoken.stages.build_corpus import HUB_KEYS
-    from alphatoken.stages.train import MATRIX_KEYS, OWN_KEYS, POLICY_KEYS
+    from alphatoken.stages.train import MATRIX_KEYS, OWN_KEYS, POLICY_KEYS, VARIANTS_KEY
 
     stage_set = {"output_dir", "seed", "policy", "valuation"}  # TrainConfig fields the train stage decides
     run = ({f.name for f in dataclasses.fields(TrainConfig)} - stage_set - {"dpo_beta"}) | set(POLICY_KEYS) | set(OWN_KEYS)
-    assert _schema_keys("train") == run | set(MATRIX_KEYS)
-    assert _schema_keys("dpo") == run | set(MATRIX_KEYS) | {"dpo_beta"}
+    assert _schema_keys("train") == run | set(MATRIX_KEYS) | {VARIANTS_KEY}
+    assert _schema_keys("dpo") == run | set(MATRIX_KEYS) | {VARIANTS_KEY, "dpo_beta"}
     assert _schema_keys("warmstart") == run  # one run of policy `full`: no method list
     assert _schema_keys("valuation") == {f.name for f in dataclasses.fields(ValuationConfig)}
     assert _schema_keys("fisher") == {f.name for f in dataclasses.fields(FisherConfig)} | set(fisher_module.OWN_KEYS)
@@ -258,8 +258,8 @@ def test_schema_lists_exactly_the_keys_the_stages_read():
     from alphatoken.eval.diagnostics import DiagnosticsConfig
 
     assert _schema_keys("diagnostics") == {f.name for f in dataclasses.fields(DiagnosticsConfig)} | {"run"}
-    methods = params_schema()["properties"]["train"]["properties"]["methods"]["items"]["enum"]
-    assert sorted(methods) == sorted(POLICIES)
+    pattern = params_schema()["properties"]["train"]["properties"]["methods"]["items"]["pattern"]
+    assert all(re.fullmatch(pattern, name) for name in POLICIES)  # every policy can be listed as a method
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,3 +339,21 @@ def test_prepare_data_sizes_are_checked_by_the_schema(tmp_path, capsys):
         prepare_data.main(["--params", str(PARAMS), str(overlay), "--section", "data", "--corpus", "c.jsonl",
                            "--out", str(tmp_path / "d")])
     assert f"error: {overlay}:2: data.n_test: expected an integer >= 0, got -1" in capsys.readouterr().err
+
+
+def test_a_misspelt_method_fails_in_snakemake_and_in_the_stage(tmp_path):
+    """A method name is a token policy or a variant of the section, which the schema cannot tell
+    apart: the rules refuse it before any job, the stage when it reads its run."""
+    import subprocess
+    import sys
+
+    from alphatoken.stages.train import read_train_config
+
+    repo = Path(__file__).resolve().parents[1]
+    overlay = _write(tmp_path / "overlay.yaml", "train:\n  methods: [alphatoken, alphatokn]\n")
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
+    result = subprocess.run([snakemake, "-n", "--configfile", str(overlay)], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "train.methods: ['alphatokn'] are neither token policies" in result.stdout + result.stderr
+    with pytest.raises(ParamsError, match=f"{overlay}:2: train.methods: 'alphatokn' is neither a token policy"):
+        read_train_config([PARAMS, overlay], "train", "valuation", "alphatokn", 0, "out")

@@ -14,6 +14,7 @@ One scratch git repository (`git init`, `dvc init`) with a copy of the pipeline:
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -189,6 +190,55 @@ def test_diagnostics_run_by_name_on_the_smoke_dag(smoke_diagnostics):
         assert (repo / "results/diagnostics" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     for name in DIAGNOSTIC_STAGES:
         assert (repo / f"logs/{name}.log").is_file() and (repo / f"benchmarks/{name}.tsv").is_file()
+
+
+
+EXPERIMENTS = ["ranking", "ablations", "baselines", "causes", "sensitivity", "dpo"]  # later ones reuse earlier runs
+
+
+@pytest.fixture(scope="module")
+def experiments_repo(smoke_repo, tmp_path_factory) -> Path:
+    """A copy of the finished smoke DAG (outputs and Snakemake's records), taken before any test edits it."""
+    repo, _ = smoke_repo
+    copy = tmp_path_factory.mktemp("experiments") / "repo"
+    shutil.copytree(repo, copy, symlinks=True)
+    (copy / "configs" / "one_seed.yaml").write_text("train: {seeds: [0]}\ndpo: {seeds: [0]}\n")
+    return copy
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_config_runs_end_to_end_on_the_smoke_model(experiments_repo, name):
+    """configs/experiments/<name>.yaml on the smoke model (one seed): every run it lists trains and is
+    evaluated, and its own report lands in results/experiments/<name>/ (the DPO one in .../dpo/), with
+    the sweep figures (sensitivity) and the value-realisation record (causes)."""
+    repo = experiments_repo
+    config = yaml.safe_load((repo / "configs" / "experiments" / f"{name}.yaml").read_text())
+    began = time.perf_counter()
+    run(repo, str(BIN / "snakemake"), "-c2", "--configfile", "configs/smoke.yaml", f"configs/experiments/{name}.yaml",
+        "configs/one_seed.yaml", timeout=3000)
+    print(f"experiment {name} on the smoke model: {time.perf_counter() - began:.1f} s")
+    sft = "sft" in config.get("routes", ["sft"])
+    out = repo / "results" / "experiments" / name / ("" if sft else "dpo")
+    section = "train" if sft else "dpo"
+    methods = config[section]["methods"]
+    assert table_rows(out / "table.md") == [("base" if sft else "warmstart"), *methods]
+    comparisons = (out / "comparisons.md").read_text()
+    for baseline in config["report"]["baselines"]:
+        assert f"### Against {baseline}" in comparisons
+    for method, baseline in config["report"].get("pairs", []):
+        assert re.search(rf"^\| {method} \| .* \|", comparisons.split(f"### Against {baseline}", 1)[1], re.M)
+    if "sweeps" in config["report"]:
+        rows = list(csv.DictReader(open(out / "sweeps.csv")))
+        assert {r["sweep"] for r in rows} == set(config["report"]["sweeps"])
+        assert all(float(r["time"]) > 0 for r in rows)
+        for sweep in config["report"]["sweeps"]:
+            assert (out / f"sweep_{sweep}.png").stat().st_size > 0
+    if any(v.get("realisation_every") for v in config[section].get("variants", {}).values()):
+        rows = {r["method"]: r for r in csv.DictReader(open(out / "realisation.csv"))}
+        recorded = [m for m, v in config[section]["variants"].items() if v.get("realisation_every")]
+        assert set(rows) == set(recorded)
+        assert all(math.isfinite(float(rows[m]["heldout_loss_change"])) for m in recorded)
+        assert "## Value realisation" in comparisons and (out / "realisation.png").stat().st_size > 0
 
 
 def test_a_change_reruns_only_its_dependants_in_both_front_ends(smoke_repo, smoke_diagnostics):

@@ -117,3 +117,64 @@ def training_curves_figure(curves: Mapping[str, Sequence[Mapping[str, float]]], 
     axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, title="run (method-seed)")
     fig.suptitle(title)
     return _save(fig, path, "png")
+
+
+def sweep_figure(rows: Sequence[Mapping], path: str | Path, setting: str,
+                 panels: Sequence[tuple[str, str]]) -> Path:
+    """One panel per (axis label, column) of `panels` against the swept value of `setting`, one point
+    per row (`value`, `column`, and `column_lo`/`column_hi` error bars, or `column_std` as ± bars),
+    joined in order of the value. Rows lacking a column are left out of that panel. Writes the PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = _figure((4.6 * len(panels), 4.0))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (label, column) in zip(axes, panels):
+        points = sorted((r for r in rows if r.get(column) is not None), key=lambda r: r["value"])
+        xs, ys = [r["value"] for r in points], [r[column] for r in points]
+        below, above = [], []
+        for r in points:
+            lo, hi = r.get(f"{column}_lo"), r.get(f"{column}_hi")
+            if lo is None and r.get(f"{column}_std") is not None:
+                lo, hi = r[column] - r[f"{column}_std"], r[column] + r[f"{column}_std"]
+            below.append(0.0 if lo is None else max(0.0, r[column] - lo))
+            above.append(0.0 if hi is None else max(0.0, hi - r[column]))
+        ax.errorbar(xs, ys, yerr=[below, above], fmt="o-", color="C0", capsize=4, linewidth=1.2)
+        for r in points:
+            ax.annotate(r["method"], (r["value"], r[column]), textcoords="offset points", xytext=(4, 5), fontsize=7)
+        if column != "time":
+            ax.axhline(0.0, color="0.6", linestyle="--", linewidth=0.8)
+        ax.set_xlabel(setting)
+        ax.set_ylabel(label)
+        ax.grid(True, linewidth=0.4, alpha=0.5)
+    fig.suptitle(f"Sensitivity to {setting}")
+    return _save(fig, path, "png")
+
+
+def realisation_figure(curves: Mapping[str, Sequence[Mapping[str, float]]], methods: Mapping[str, str],
+                       path: str | Path) -> Path:
+    """Per run, the cumulative sum over its recorded steps of the held-out loss change predicted by
+    an SGD step on the selected gradient (dotted), by the actual update (dashed) and realised (solid),
+    one colour per method; and the same for the validation batch. Writes the PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    order = list(dict.fromkeys(methods[run] for run in curves))
+    fig = _figure((12.0, 4.5))
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    for ax, probe in zip(axes, ("heldout", "val")):
+        for run, rows in curves.items():
+            colour = f"C{order.index(methods[run]) % 10}"
+            steps = [r["step"] for r in rows]
+            for column, style in (("sgd_pred", ":"), ("update_pred", "--"), ("loss_change", "-")):
+                total, cumulative = 0.0, []
+                for r in rows:
+                    total += r[f"{probe}_{column}"]
+                    cumulative.append(total)
+                ax.plot(steps, cumulative, color=colour, linestyle=style, linewidth=1.2,
+                        label=f"{run} {column}" if column == "loss_change" else None)
+        ax.axhline(0.0, color="0.6", linewidth=0.8)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"cumulative {probe} loss change (nats/token)")
+        ax.set_title(f"{probe}: SGD prediction (dotted), update prediction (dashed), realised (solid)", fontsize=9)
+        ax.grid(True, linewidth=0.4, alpha=0.5)
+    axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7, title="run")
+    return _save(fig, path, "png")

@@ -116,6 +116,9 @@ class ReportConfig:
     units: tuple[tuple[str, str], ...] = UNITS  # (glob pattern, unit of a difference); first match wins, none: no unit
     figure_x: str = KL  # trade-off figure, x: the retention-drift metric
     figure_y: str = TARGET  # trade-off figure, y: the target metric (plotted as the gain over the base model)
+    sweeps: tuple = ()  # sensitivity: ((setting, ((run, swept value), ...)), ...); a table and figure per setting
+    time_baseline: str = "full"  # the run whose optimizer-step time is 1.0 in the sweep tables (same seed)
+    pairs: tuple = ()  # extra comparisons ((method, baseline), ...), e.g. alphatoken_sgd vs random_sgd
 
     def __post_init__(self):
         def strings(name: str, value, allow_empty: bool) -> tuple:
@@ -139,9 +142,27 @@ class ReportConfig:
             raise ValueError(f"ReportConfig.ci_level: expected a number in (0, 1), got {self.ci_level!r}")
         if isinstance(self.bootstrap_seed, bool) or not isinstance(self.bootstrap_seed, int) or self.bootstrap_seed < 0:
             raise ValueError(f"ReportConfig.bootstrap_seed: expected an integer >= 0, got {self.bootstrap_seed!r}")
-        for name in ("figure_x", "figure_y"):
+        for name in ("figure_x", "figure_y", "time_baseline"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ValueError(f"ReportConfig.{name}: expected a metric name, got {getattr(self, name)!r}")
+                raise ValueError(f"ReportConfig.{name}: expected a name, got {getattr(self, name)!r}")
+        sweeps = tuple(self.sweeps.items()) if isinstance(self.sweeps, dict) else self.sweeps
+        normal = []
+        for item in sweeps if isinstance(sweeps, (tuple, list)) else [None]:
+            setting, runs = item if isinstance(item, (tuple, list)) and len(item) == 2 else (None, None)
+            runs = tuple(runs.items()) if isinstance(runs, dict) else runs
+            if not isinstance(setting, str) or not setting or not isinstance(runs, (tuple, list)) or not runs or not all(
+                    isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str) and r[0]
+                    and isinstance(r[1], (int, float)) and not isinstance(r[1], bool) and math.isfinite(r[1]) for r in runs):
+                raise ValueError(f"ReportConfig.sweeps: expected {{setting: {{run: swept value}}}} with at least one run "
+                                 f"per setting, got {self.sweeps!r}")
+            normal.append((setting, tuple((r, float(v)) for r, v in runs)))
+        object.__setattr__(self, "sweeps", tuple(normal))
+        pairs = self.pairs
+        if not isinstance(pairs, (tuple, list)) or not all(
+                isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) and x for x in p) and p[0] != p[1]
+                for p in pairs):
+            raise ValueError(f"ReportConfig.pairs: expected a list of [method, baseline] pairs of two run names, got {pairs!r}")
+        object.__setattr__(self, "pairs", tuple(tuple(p) for p in pairs))
 
     def direction(self, metric: str) -> bool | None:
         """True (higher is better), False (lower is better) or None (unknown) from the patterns; a
@@ -151,6 +172,10 @@ class ReportConfig:
         if higher and lower:
             raise ValueError(f"metric {metric!r} matches higher_is_better {higher[0]!r} and lower_is_better {lower[0]!r}")
         return True if higher else False if lower else None
+
+    def sweeps_dict(self) -> dict[str, dict[str, float]]:
+        """`sweeps` as {setting: {run: swept value}}."""
+        return {setting: dict(runs) for setting, runs in self.sweeps}
 
     def unit(self, metric: str) -> str:
         """The unit of a difference of `metric` ("" when no pattern matches)."""
@@ -393,7 +418,8 @@ def _compare(by_method: dict[str, dict], method: str, baseline: str | None, metr
 
 def comparisons(runs: list[dict], cfg: ReportConfig = ReportConfig(), base: str | None = None,
                 metrics: list[str] | None = None) -> list[Comparison]:
-    """Every method (except the base model `base`) against each of `cfg.baselines` among the runs,
+    """Every method (except the base model `base`) against each of `cfg.baselines` among the runs, then
+    the explicit `cfg.pairs` (method, baseline),
     on each of `metrics` (default: the table's, `table_benchmarks`); of two baselines compared with
     each other only the first direction is made (random vs full, not also full vs random: its mirror)."""
     by_method = _check_runs(runs)
@@ -402,6 +428,10 @@ def comparisons(runs: list[dict], cfg: ReportConfig = ReportConfig(), base: str 
     baselines = [b for b in dict.fromkeys(cfg.baselines) if b in methods]
     pairs = [(m, b) for i, b in enumerate(baselines) for m in methods
              if m != b and m not in baselines[:i]]  # random vs full is made, full vs random (its mirror) not
+    missing = [f"{m} vs {b}" for m, b in cfg.pairs if m not in methods or b not in methods]
+    if missing:
+        raise ValueError(f"report.pairs: {', '.join(missing)}: not among the methods run ({', '.join(methods)})")
+    pairs += [p for p in cfg.pairs if p not in pairs]
     todo = [(m, b, x) for m, b in pairs for x in metrics]
     return [_compare(by_method, m, b, x, cfg, False) for m, b, x in tqdm(todo, desc="paired comparisons", disable=not todo)]
 
@@ -444,10 +474,10 @@ def summary_line(group: list[Comparison], cfg: ReportConfig = ReportConfig()) ->
 
 
 def write_comparisons(comps: list[Comparison], out_dir: str | Path, cfg: ReportConfig = ReportConfig(),
-                      notes: list[str] = (), figure: str = "") -> dict[str, Path]:
+                      notes: list[str] = (), figure: str = "", extra: str = "") -> dict[str, Path]:
     """Write `comparisons.md` (per baseline a table: method, metric (↑ higher / ↓ lower is better / ?
     unknown), difference [CI] in bold when resolved, unit, verdict, resampling, seeds, examples per
-    seed; then one summary line per method and baseline, the notes and `figure` (Markdown)) and
+    seed; then one summary line per method and baseline, the notes, `figure` and `extra` (Markdown)) and
     `comparisons.csv` (one row per comparison). Returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -495,6 +525,8 @@ def write_comparisons(comps: list[Comparison], out_dir: str | Path, cfg: ReportC
         lines += ["", "### Notes", ""] + [f"- {n}" for n in (*notes, *flagged)]
     if figure:
         lines += ["", figure]
+    if extra:  # an experiment's own sections (sweeps, value realisation)
+        lines += ["", extra]
     md_path = out / "comparisons.md"
     md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -693,13 +725,19 @@ def read_run(eval_dir: str | Path) -> dict:
 
 
 def build_report(runs: list[dict], out_dir: str | Path, cfg: ReportConfig = ReportConfig(), base: str | None = None,
-                 curves: dict[str, list[dict]] | None = None, notes: list[str] = ()) -> dict[str, Path]:
+                 curves: dict[str, list[dict]] | None = None, notes: list[str] = (),
+                 timing: dict[tuple[str, int], float] | None = None) -> dict[str, Path]:
     """Everything under `out_dir`: table.md / table.csv (`write_report`), comparisons.md /
     comparisons.csv (`comparisons` against `cfg.baselines`, `write_comparisons`), tradeoff.png /
     .svg / .csv (`write_tradeoff` against the base model `base`), metrics.json (`flat_metrics`)
     and, with `curves` ({run name: [{step, loss, kept_fraction}]}), curves/<run>.csv and curves.png.
+    With `cfg.sweeps`, sweeps.csv and sweep_<setting>.png (`experiments.write_sweeps`; `timing`:
+    (method, seed) -> mean step seconds); with value-realisation columns in the curves,
+    realisation.csv and realisation.png; both also as sections of comparisons.md.
     Runs without per-example values and per-example metrics that no metrics.json has are listed in
     comparisons.md. Returns the paths."""
+    from alphatoken.eval import experiments
+
     out = Path(out_dir)
     paths = write_report(runs, out, table_benchmarks(runs), title=cfg.title, notes=[*notes, *disagreement_notes(runs)],
                          cfg=cfg)
@@ -713,8 +751,18 @@ def build_report(runs: list[dict], out_dir: str | Path, cfg: ReportConfig = Repo
                           f"{', '.join(extra)}")
     figure = write_tradeoff(runs, base, out, cfg)
     paths.update({k: v for k, v in figure.items() if k != "caption"})
+    sweep_rows = experiments.sweep_rows(runs, dict(cfg.sweeps_dict()), base, cfg, timing, cfg.time_baseline) if cfg.sweeps else []
+    if sweep_rows:
+        paths.update(experiments.write_sweeps(sweep_rows, out, cfg, cfg.time_baseline))
+    methods = {f"{r['method']}-{r['seed']}": r["method"] for r in runs}
+    realisation = experiments.realisation_rows(curves or {}, methods)
+    if realisation:
+        paths.update(experiments.write_realisation(realisation, curves, methods, out))
+    extra = experiments.markdown(sweep_rows, realisation, cfg.time_baseline)
+    extra += "".join(f"\n![{name}]({Path(p).name})\n" for name, p in paths.items() if name.startswith("sweep_")
+                     or name == "realisation_png")
     paths.update(write_comparisons(comps, out, cfg, checks,
-                                   figure=f"![trade-off](tradeoff.png)\n\n{figure['caption']}"))
+                                   figure=f"![trade-off](tradeoff.png)\n\n{figure['caption']}", extra=extra))
     paths["metrics"] = write_metrics_json(flat_metrics(runs, comps), out / "metrics.json")
     if curves:
         (out / "curves").mkdir(parents=True, exist_ok=True)

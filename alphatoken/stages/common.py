@@ -201,6 +201,8 @@ def describe_schema(schema: dict) -> str:
             head = f"a list of {low} items" if low and high == low else ("a non-empty list" if low else "a list")
             items = schema.get("items")
             words.append(head + (f", each {describe_schema(items)}" if items else ""))
+        elif kind == "string" and "pattern" in schema:
+            words.append(f"a string matching {schema['pattern']}")
         elif kind != "null":
             words.append({"string": "a string", "boolean": "true or false", "object": "a mapping"}.get(kind, kind))
     return " or ".join(words) or "a valid value"

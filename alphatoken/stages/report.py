@@ -15,6 +15,7 @@ import csv
 import dataclasses
 from pathlib import Path
 
+from alphatoken.eval.experiments import REALISATION_COLUMNS, read_timing
 from alphatoken.eval.report import ReportConfig, build_report, read_run
 from alphatoken.stages.common import ParamsError, fail, log_run_environment, read_section, stage_parser, to_config
 
@@ -22,9 +23,14 @@ CURVES = ("loss", "kept_fraction")  # dvclive metrics train/<name> plotted per r
 
 
 def read_curves(live_dir: Path) -> list[dict]:
-    """{step, loss, kept_fraction} rows from a run's dvclive TSVs (plots/metrics/train/<name>.tsv)."""
+    """{step, loss, kept_fraction} rows from a run's dvclive TSVs (plots/metrics/train/<name>.tsv),
+    with the value-realisation columns of the steps that recorded them (train.realisation_every)."""
     rows: dict[int, dict] = {}
-    for name in CURVES:
+    recorded = [name for name in REALISATION_COLUMNS if (live_dir / "plots" / "metrics" / "train" / f"{name}.tsv").is_file()]
+    if recorded and len(recorded) != len(REALISATION_COLUMNS):
+        fail(f"{live_dir}: {len(recorded)} of the {len(REALISATION_COLUMNS)} value-realisation columns were logged "
+             f"(missing: {sorted(set(REALISATION_COLUMNS) - set(recorded))}); rerun the train rule")
+    for name in (*CURVES, *recorded):
         path = live_dir / "plots" / "metrics" / "train" / f"{name}.tsv"
         if not path.is_file():
             fail(f"{path} is missing: the train rule did not log {name!r}; rerun it")
@@ -50,6 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         # YAML lists and mappings -> the config's tuples (patterns, baselines; units as pairs)
         values = {k: tuple(v) if isinstance(v, list) else tuple(v.items()) if isinstance(v, dict) else v
                   for k, v in section.values.items()}
+        if "pairs" in section.values:  # [[method, baseline], ...]
+            values["pairs"] = tuple(tuple(p) if isinstance(p, list) else p for p in section.values["pairs"] or [])
+        if "sweeps" in section.values:  # {setting: {run: value}}
+            values["sweeps"] = tuple((k, tuple((v or {}).items())) for k, v in (section.values["sweeps"] or {}).items())
         cfg = to_config(dataclasses.replace(section, values=values), ReportConfig)
     except ParamsError as err:
         fail(str(err))
@@ -58,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"{Path(args.base) / 'metrics.json'} is missing: rerun the evaluate_base rule")
     try:
         runs = [{"method": args.base_name, "seed": 0, **read_run(args.base)}]
-        curves = {}
+        curves, timing = {}, {}
         for method in methods:
             for seed in seeds:
                 run = f"{method}-{seed}"
@@ -67,7 +77,10 @@ def main(argv: list[str] | None = None) -> None:
                          f"{args.runs_section}.methods x seeds: rerun its evaluate rule")
                 runs.append({"method": method, "seed": seed, **read_run(Path(args.evals) / run)})
                 curves[run] = read_curves(Path(args.train) / run / "dvclive")
-        paths = build_report(runs, args.out, cfg, base=args.base_name, curves=curves)
+                seconds = read_timing(Path(args.train) / run)
+                if seconds is not None:
+                    timing[(method, seed)] = seconds
+        paths = build_report(runs, args.out, cfg, base=args.base_name, curves=curves, timing=timing)
     except ValueError as err:
         fail(str(err))
     print(f"[report] {len(runs)} runs -> " + ", ".join(str(p) for p in paths.values()))

@@ -1,4 +1,4 @@
-"""Stage train: one token-masked SFT or DPO run (policy `--method`, seed `--seed`) from the reference
+"""Stage train: one token-masked SFT or DPO run (policy or variant `--method`, seed `--seed`) from the reference
 checkpoint, with the cached Fisher for the retention proxy (and, for DPO, the reference log-probs of
 the ref_logps stage); writes final/ (HF checkpoint), metrics.json and dvclive/ into --out, and resumes
 from its own checkpoints there (refusing one left by a run with other settings, model or data). A LoRA
@@ -22,10 +22,10 @@ from alphatoken.checkpoint import RunMismatchError
 from alphatoken.data import DataError, read_split
 from alphatoken.fisher import FisherConfig, FisherMismatchError, FisherPrompts, load_fisher
 from alphatoken.models import ModelSpec, load_model
-from alphatoken.policies import PolicyConfig, get_policy
+from alphatoken.policies import POLICIES, PolicyConfig, get_policy
 from alphatoken.stages.common import (
-    ParamsError, fail, gpus_requested, init_distributed, log_run_environment, read_section, relaunch_under_torchrun,
-    split_section, stage_parser, to_config,
+    ParamsError, Section, fail, gpus_requested, init_distributed, log_run_environment, read_section,
+    relaunch_under_torchrun, split_section, stage_parser, to_config,
 )
 from alphatoken.stages.fisher import OWN_KEYS as FISHER_OWN_KEYS
 from alphatoken.stages.fisher import encode_fisher_prompts
@@ -34,20 +34,53 @@ from alphatoken.train.reference import ReferenceMismatchError
 from alphatoken.valuation import ValuationConfig
 
 MATRIX_KEYS = ("methods", "seeds")  # which runs exist: the rule's wildcards, not settings of one run
-OWN_KEYS = ("dtype", "attn_implementation", "val_examples")  # how the stage loads the model and data
+VARIANTS_KEY = "variants"  # named runs: a policy with some settings changed (`train.variants.<name>`)
+OWN_KEYS = ("dtype", "attn_implementation", "val_examples", "realisation_examples")  # how the stage loads model and data
 POLICY_KEYS = tuple(f.name for f in dataclasses.fields(PolicyConfig) if f.name != "name")  # train.rho etc.
+
+
+def resolve_run(section: Section, valuation: Section, method: str) -> tuple[str, Section, Section]:
+    """(policy name, run section, valuation section) of run `method`: a token policy of
+    `alphatoken.policies` with the sections as they are, or a variant `section.variants.<method>`
+    (`{policy: NAME, <keys of the section>..., valuation: {<valuation keys>...}}`) whose values replace
+    the section's and the valuation's, located at the variant's lines. The run section comes back
+    without `variants`."""
+    variants = section.values.get(VARIANTS_KEY) or {}
+    values = {k: v for k, v in section.values.items() if k != VARIANTS_KEY}
+    if method in variants and method in POLICIES:
+        raise ParamsError(f"{section.locate(f'{VARIANTS_KEY}.{method}')}: {method!r} is a token policy's name; "
+                          "give the variant another name")
+    if method not in variants:
+        if method not in POLICIES:
+            raise ParamsError(f"{section.locate('methods')}: {method!r} is neither a token policy "
+                              f"({sorted(POLICIES)}) nor a variant of {section.name}.{VARIANTS_KEY} ({sorted(variants)})")
+        return method, dataclasses.replace(section, values=values), valuation
+    prefix = f"{VARIANTS_KEY}.{method}."
+    variant = dict(variants[method])
+    policy = variant.pop("policy", None)
+    if policy not in POLICIES:
+        raise ParamsError(f"{section.locate(prefix + 'policy')}: {policy!r} is not a token policy; expected one of "
+                          f"{sorted(POLICIES)}")
+    valuation_values = variant.pop("valuation", None) or {}
+    for key in (*MATRIX_KEYS, VARIANTS_KEY):
+        if key in variant:
+            raise ParamsError(f"{section.locate(prefix + key)}: a variant sets the settings of one run, not {key}")
+    where = {**section.where, **{k: section.where.get(prefix + k, section.where[""]) for k in variant}}
+    run = Section(section.name, {**values, **variant}, where)
+    vwhere = {**valuation.where, **{k: section.where.get(f"{prefix}valuation.{k}", section.where[""]) for k in valuation_values}}
+    return policy, run, Section(valuation.name, {**valuation.values, **valuation_values}, vwhere)
 
 
 def read_train_config(params: list, section_name: str, valuation_section: str, method: str, seed: int,
                       out: str) -> tuple[dict, TrainConfig]:
-    """(the stage's own settings, the TrainConfig) of one run from the parameter files; ParamsError
-    names file, line and field of a bad value."""
-    section = read_section(params, section_name)
+    """(the stage's own settings, the TrainConfig) of run `method` (a policy or a variant, see
+    `resolve_run`) from the parameter files; ParamsError names file, line and field of a bad value."""
+    policy_name, section, valuation_section_values = run_sections(params, section_name, valuation_section, method)
     _, section = split_section(section, MATRIX_KEYS)
     own, rest = split_section(section, OWN_KEYS)
     policy_values, rest = split_section(rest, POLICY_KEYS)
-    policy = to_config(dataclasses.replace(section, values=policy_values), PolicyConfig, name=method)
-    valuation = to_config(read_section(params, valuation_section), ValuationConfig)
+    policy = to_config(dataclasses.replace(section, values=policy_values), PolicyConfig, name=policy_name)
+    valuation = to_config(valuation_section_values, ValuationConfig)
     config = to_config(rest, TrainConfig, output_dir=out, seed=seed, policy=policy, valuation=valuation)
     if "epochs" in rest.values and config.max_steps is not None:  # max_steps decides the length: epochs is unused
         raise ParamsError(f"{rest.locate('epochs')}: {config.epochs} is not used while {section_name}.max_steps="
@@ -56,8 +89,13 @@ def read_train_config(params: list, section_name: str, valuation_section: str, m
     return own, config
 
 
+def run_sections(params: list, section_name: str, valuation_section: str, method: str) -> tuple[str, Section, Section]:
+    """`resolve_run` on the sections read from the parameter files."""
+    return resolve_run(read_section(params, section_name), read_section(params, valuation_section), method)
+
+
 def check_against_model(model, config: TrainConfig, params: list, section_name: str, valuation_section: str,
-                        scores: bool, fisher_section: str | None = None) -> None:
+                        scores: bool, fisher_section: str | None = None, method: str | None = None) -> None:
     """Settings that only the loaded model (its depth) and the run (does its policy score tokens?) can
     check: ParamsError for a valuation.last_k (or, for a run computing its own Fisher, a fisher.last_k)
     beyond the model's decoder blocks; a warning on stderr for a valuation.window that reaches past
@@ -67,6 +105,8 @@ def check_against_model(model, config: TrainConfig, params: list, section_name: 
         return
     depth = len(decoder_blocks(model))
     valuation = read_section(params, valuation_section)
+    if method is not None:  # a variant's own valuation values, at their lines
+        valuation = run_sections(params, section_name, valuation_section, method)[2]
     sections = [valuation] + ([read_section(params, fisher_section)] if fisher_section else [])
     for section in sections:
         last_k = section.values.get("last_k", config.valuation.last_k if section is valuation else FisherConfig.last_k)
@@ -106,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fisher-section", default="fisher", help="section of the Fisher settings (with --fisher-prompts)")
     parser.add_argument("--reference-logps", help="reference log-probs of --model on the training data (ref_logps "
                         "stage); without it the run computes them itself")
+    parser.add_argument("--realisation-data", help="held-out target examples (JSONL, never trained on, never in G): "
+                        "the probes of the value-realisation record (train.realisation_every)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rule", default="train", help="the rule whose `resources` (threads, gpu) apply")
     args = parser.parse_args(argv)
@@ -121,10 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     log_run_environment(args.rule, device, args.params)
     model, tokenizer = load_model(ModelSpec(source="hub", name_or_path=args.model, dtype=own.get("dtype", "float32"),
                                             attn_implementation=own.get("attn_implementation", "eager")), device)
-    fisher, fisher_prompts, policy = None, None, get_policy(args.method)
+    fisher, fisher_prompts, policy = None, None, get_policy(config.policy.name)
     try:
         check_against_model(model, config, args.params, args.section, args.valuation_section, policy.needs_scores,
-                            args.fisher_section if policy.adapter == "lora" else None)
+                            args.fisher_section if policy.adapter == "lora" else None, method=args.method)
     except ParamsError as err:
         fail(str(err))
     if policy.needs_scores and policy.adapter == "lora":
@@ -158,12 +200,25 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, FileNotFoundError) as err:
         fail(f"{err} (rerun prepare_data)")
     val = val[: own["val_examples"]] if own.get("val_examples") else val
+    realisation = {}
+    if config.realisation_every:
+        if not args.realisation_data:
+            fail(f"{args.section}.realisation_every={config.realisation_every}: pass --realisation-data (held-out "
+                 "target examples; the rule passes the test hold-out)")
+        try:
+            held_out = read_split(args.realisation_data)
+        except (DataError, FileNotFoundError) as err:
+            fail(f"{err} (rerun prepare_data)")
+        n = own.get("realisation_examples") or len(held_out)
+        realisation = {"realisation_data": held_out[:n]}
+        print(f"[train] value realisation every {config.realisation_every} steps on {len(val)} validation and "
+              f"{len(realisation['realisation_data'])} held-out examples of {args.realisation_data}")
     run = train_dpo if args.objective == "dpo" else train_sft
     try:
         # reference=None: the proxy's W_ref are the weights at step 0, i.e. --model, which load_fisher
         # has just checked is the model the Fisher was computed on
         result = run(model, tokenizer, train, val, config, fisher=fisher, out_dir=args.out,
-                     reference_logps=args.reference_logps, fisher_prompts=fisher_prompts)
+                     reference_logps=args.reference_logps, fisher_prompts=fisher_prompts, **realisation)
     except RunMismatchError as err:
         fail(str(err))
     except FisherMismatchError as err:

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from alphatoken.data import ConfigError, check_bool, check_choice, check_int, check_number
 from alphatoken.policies import PolicyConfig
 
+OPTIMIZERS = ("adamw", "sgd")
+TRAINABLE = ("all", "scored")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -17,8 +20,10 @@ class TrainConfig:
     (preference pairs for DPO)."""
 
     output_dir: str = "results/train"  # checkpoints, dvclive metrics, final HF model under `final/`
-    lr: float = 2e-5  # peak learning rate (AdamW)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    lr: float = 2e-5  # peak learning rate
+    optimizer: str = "adamw"  # "adamw" (decoupled weight decay, betas, eps below) or "sgd" (with sgd_momentum)
+    sgd_momentum: float = 0.0  # SGD: heavy-ball momentum (0: plain SGD, the update is -lr * gradient)
+    weight_decay: float = 0.0  # weight decay of 2-D weights (AdamW: decoupled; SGD: L2 added to the gradient)
     adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     adam_eps: float = 1e-8  # AdamW epsilon
     warmup_ratio: float = 0.03  # linear warm-up as a fraction of the total optimizer steps
@@ -33,6 +38,9 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast on CUDA; ignored on CPU (fp32/fp64 as the model is)
     gradient_checkpointing: bool = False  # recompute activations in backward (HF gradient checkpointing)
     checkpoint_every: int = 0  # optimizer steps between resumable checkpoints; 0: only on preemption
+    trainable: str = "all"  # "all" weights, or "scored": only the scored weights (nn.Linear weights of the last
+    # valuation.last_k blocks, those the token values are computed on); the rest stays frozen
+    realisation_every: int = 0  # steps between value-realisation records (0: none; needs `realisation_data`)
     policy: PolicyConfig = field(default_factory=PolicyConfig)  # token policy, rho and its schedule
     valuation: object = None  # alphatoken.valuation.ValuationConfig; None: its paper defaults
     dpo_beta: float = 0.1  # DPO temperature beta (paper: 0.1)
@@ -45,6 +53,13 @@ class TrainConfig:
     def __post_init__(self):
         owner = "TrainConfig"
         check_number(owner, "lr", self.lr, 0.0, low_open=True)
+        check_choice(owner, "optimizer", self.optimizer, OPTIMIZERS)
+        check_number(owner, "sgd_momentum", self.sgd_momentum, 0.0, 1.0, high_open=True)
+        if self.optimizer != "sgd" and self.sgd_momentum != 0.0:
+            raise ConfigError("sgd_momentum", f"{self.sgd_momentum} is used only by optimizer='sgd' (optimizer="
+                              f"{self.optimizer!r}): set it to 0 or choose sgd", owner)
+        check_choice(owner, "trainable", self.trainable, TRAINABLE)
+        check_int(owner, "realisation_every", self.realisation_every, 0)
         check_number(owner, "weight_decay", self.weight_decay, 0.0)
         if not isinstance(self.adam_betas, (list, tuple)) or len(self.adam_betas) != 2:
             raise ConfigError("adam_betas", f"expected two numbers (beta1, beta2), got {self.adam_betas!r}", owner)

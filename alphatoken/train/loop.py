@@ -71,7 +71,8 @@ from alphatoken.losses import (
     masked_dpo_loss,
     token_nll,
 )
-from alphatoken.policies import TokenContext, get_policy, scores_to_loss_positions
+from alphatoken.policies import StepZeroInputs, TokenContext, get_policy, scores_to_loss_positions
+from alphatoken.policy_inputs import AttentionCapture
 from alphatoken.train.config import TrainConfig
 from alphatoken.train.data import as_batch, collate, collate_pairs, encode_dataset, pad_token_id
 from alphatoken.train.reference import (
@@ -83,11 +84,13 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "final"
 METRICS = "metrics.json"
+TIMING = "timing.json"  # mean optimizer-step seconds of this process (a measurement, outside the run's identity)
 LIVE_DIR = "dvclive"
 REFERENCE_LOSSES = "reference_losses.pt"
 REFERENCE_WEIGHTS = "reference_weights.pt"
+POLICY_VALUES = "policy_values.pt"  # the policy's own step-0 values (Policy.precompute: FLOW, XTF)
 FISHER = "fisher.safetensors"  # the Fisher computed at step 0 from `fisher_prompts`
-STEP0_FILES = (REFERENCE_LOSSES, REFERENCE_WEIGHTS, FISHER)  # values computed once at step 0, reused on resume
+STEP0_FILES = (REFERENCE_LOSSES, REFERENCE_WEIGHTS, FISHER, POLICY_VALUES)  # values computed once at step 0, reused on resume
 # TrainConfig fields that do not change the result (weights, metrics.json, the dvclive rows, which are
 # rebuilt from the checkpoint's history): a run may resume with other values of them.
 RESULT_NEUTRAL_FIELDS = ("output_dir", "progress", "log_every", "checkpoint_every")
@@ -217,7 +220,7 @@ class _RunDirectory:
     def _remove_run_files(self, keep_step0: bool) -> list[str]:
         """Remove what a run writes here (never other files): everything, or all but the step-0 caches
         and the identity. Returns the names removed."""
-        names = [CHECKPOINT_DIR, FINAL_DIR, METRICS, LIVE_DIR]
+        names = [CHECKPOINT_DIR, FINAL_DIR, METRICS, TIMING, LIVE_DIR]
         if not keep_step0:
             names += [*STEP0_FILES, IDENTITY_FILE]
         removed = []
@@ -233,7 +236,7 @@ class _RunDirectory:
 
     def _remove_leftovers(self) -> None:
         """Temporary files of interrupted atomic writes (save_fisher writes its own `.partial` first)."""
-        for name in (*STEP0_FILES, IDENTITY_FILE, METRICS):
+        for name in (*STEP0_FILES, IDENTITY_FILE, METRICS, TIMING):
             remove_path(self.out / (name + TMP_SUFFIX))
         for name in (FISHER + ".partial", FISHER + TMP_SUFFIX + ".partial"):
             remove_path(self.out / name)
@@ -410,11 +413,42 @@ def _log_live_row(live, row: dict) -> None:
 
 
 def _optimizer(model, config: TrainConfig):
-    """AdamW; no weight decay on 1-D parameters (biases, norms), as is customary for transformers."""
+    """AdamW (or SGD, `config.optimizer`); no weight decay on 1-D parameters (biases, norms), as is
+    customary for transformers."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.sgd_momentum)
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps)
+
+
+def _freeze_unscored(model, config: TrainConfig, policy) -> None:
+    """`trainable: scored`: only the scored weights (nn.Linear weights of the last valuation.last_k
+    blocks) keep requires_grad; every other parameter is frozen."""
+    if config.trainable != "scored":
+        return
+    if policy.adapter == "lora":
+        raise ValueError(f"trainable='scored' trains the scored full weights; policy {policy.name!r} trains LoRA "
+                         "adapters instead: use trainable='all'")
+    from alphatoken.valuation import ValuationConfig
+
+    last_k = (config.valuation or ValuationConfig()).last_k
+    scored = set(scored_linears(model, last_k))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in scored)
+
+
+def _probe_features(tokenizer, data, max_length: int, what: str) -> list[dict]:
+    """Encoded examples of a realisation probe set (a list of examples, or a ready batch dict)."""
+    if isinstance(data, dict):  # a padded batch: its rows, without the padding
+        lengths = data["attention_mask"].sum(dim=1).tolist()
+        return [{"input_ids": data["input_ids"][i, :n].tolist(), "labels": data["labels"][i, :n].tolist()}
+                for i, n in enumerate(lengths)]
+    if not data:
+        raise ValueError(f"realisation_every is set but the {what} probe set is empty")
+    features, _ = encode_dataset(tokenizer, data, max_length, False)
+    return features
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -447,7 +481,7 @@ def _dpo_objective(beta: float, ref_logps: torch.Tensor):
 
 
 def train_sft(model, tokenizer, train_examples, val_batch, config: TrainConfig, fisher=None, reference=None, reference_model=None, out_dir=None,
-              reference_logps=None, fisher_prompts=None) -> TrainResult:
+              reference_logps=None, fisher_prompts=None, realisation_data=None) -> TrainResult:
     """Token-masked SFT (Alpha-SFT, Eq. 13) with the configured policy; `full` is standard SFT
     (the warm-start). `val_batch`: a batch dict or a list of examples (only used by policies that need
     token values). `fisher` / `reference`: diagonal Fisher and reference weights for the retention
@@ -459,9 +493,11 @@ def train_sft(model, tokenizer, train_examples, val_batch, config: TrainConfig, 
     scored parameters is computed at step 0 and cached in the output dir. LoRA scoring policies
     (`alphatoken_lora`) score the adapter factors, whose Fisher and reference exist only once the
     adapters are initialised, so they take `fisher_prompts` (or a `fisher` keyed by the factors'
-    parameter names of the wrapped model)."""
+    parameter names of the wrapped model). `realisation_data` (target examples never trained on and
+    never in G): with `config.realisation_every`, the value-realisation record of every such step
+    (`alphatoken.train.realisation`) is added to the step's history row."""
     return _train("sft", model, tokenizer, train_examples, val_batch, config, fisher, reference, reference_model, out_dir,
-                  reference_logps, fisher_prompts)
+                  reference_logps, fisher_prompts, realisation_data)
 
 
 def train_dpo(model, tokenizer, train_pairs, val_pairs, config: TrainConfig, fisher=None, reference=None, reference_model=None, out_dir=None,
@@ -479,13 +515,20 @@ def train_dpo(model, tokenizer, train_pairs, val_pairs, config: TrainConfig, fis
 
 
 def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig, fisher, reference, reference_model, out_dir,
-           reference_logps=None, fisher_prompts=None) -> TrainResult:
+           reference_logps=None, fisher_prompts=None, realisation_data=None) -> TrainResult:
     preference = objective == "dpo"
+    if config.realisation_every and preference:
+        raise ValueError("realisation_every: the value-realisation record is defined for SFT (mean token loss probes); "
+                         "set it to 0 for DPO")
+    if config.realisation_every and realisation_data is None:
+        raise ValueError("realisation_every is set: pass realisation_data (held-out target examples, never trained on)")
     out = Path(out_dir or config.output_dir)
     rank, world = _dist_info()
     policy, pcfg = get_policy(config.policy.name), config.policy
     if policy.dpo_form == "masked_logit" and not preference:
         raise ValueError(f"policy {policy.name!r} is a preference-optimisation policy; use train_dpo")
+    if policy.sft_only and preference:
+        raise ValueError(f"policy {policy.name!r} is an SFT method; use train_sft")
     device = next(model.parameters()).device
     seed_everything(config.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -541,6 +584,22 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
         saved = run.step0_value(REFERENCE_LOSSES, load_losses, compute_losses, lambda path, value: atomic_torch_save(value, path))
         ref_losses, ref_val = saved["train"], saved.get("val")
 
+    # ---- the policy's own step-0 values (FLOW's weights, XTF's masks): once, from the reference model
+    policy_values = None
+    if policy.precompute is not None:
+        inputs = StepZeroInputs(reference_model if reference_model is not None else model, tokenizer, features, ref_losses,
+                                pad_id, device, config.micro_batch_size)
+
+        def load_values(path):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if len(saved) != len(features):
+                raise ValueError(f"cached for {len(saved)} examples, the data has {len(features)}")
+            return saved
+
+        policy_values = run.step0_value(POLICY_VALUES, load_values,
+                                        lambda: [v.detach().cpu() for v in policy.precompute(inputs, pcfg)],
+                                        lambda path, value: atomic_torch_save(value, path))
+
     # ---- LoRA adapters, before the valuer: a LoRA scoring policy scores the factors
     if policy.adapter == "lora":
         model = _wrap_lora(model, pcfg)
@@ -577,6 +636,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
         with torch.no_grad():
             for p in model.parameters():
                 dist.broadcast(p.data, src=0)
+    _freeze_unscored(model, config, policy)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(model, config)
     warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * total_steps)
@@ -614,6 +674,18 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
             live.next_step()
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (config.bf16 and device.type == "cuda") else contextlib.nullcontext()
+    realisation = None
+    if config.realisation_every and rank == 0:  # replicated weights: rank 0 records for all
+        from alphatoken.train.realisation import ValueRealisation
+        from alphatoken.valuation import ValuationConfig
+
+        scored_names = set(scored_linears(model, (vcfg or config.valuation or ValuationConfig()).last_k))
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # the order of `trainable`
+        probes = {"val": _probe_features(tokenizer, val_data, config.max_length, "validation"),
+                  "heldout": _probe_features(tokenizer, realisation_data, config.max_length, "held-out")}
+        realisation = ValueRealisation(probes, [p for _, p in named], [name in scored_names for name, _ in named],
+                                       pad_id, device, chunk=config.micro_batch_size, autocast=autocast)
+    step_seconds = []  # per optimizer step of this process, without the realisation probes
     bar = tqdm(total=total_steps, initial=start_step, desc=f"{objective}:{policy.name}", disable=not (config.progress and rank == 0))
     orders: dict[int, list[int]] = {}
     preempted = False
@@ -627,7 +699,10 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
         if world > 1:
             dist.barrier()
 
-    with PreemptionFlag() as flag:
+    # ssToken: the last block's attention of every training forward (open across the backward, so that
+    # gradient checkpointing recomputes that block with the same kernel)
+    attention_capture = AttentionCapture(model, last_k=1) if policy.needs_attention else None
+    with PreemptionFlag() as flag, (attention_capture or contextlib.nullcontext()):
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             epoch, position = divmod(step, steps_per_epoch)
@@ -639,10 +714,15 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
             rho = pcfg.rho_at(step / max(1, total_steps - 1))
             if valuer is not None and (step % refresh == 0 or (step == start_step and not restored_valuation)):
                 valuer.set_validation(val_batch, objective=val_objective)
+            probe_state, probe_seconds = None, 0.0
+            if realisation is not None and step % config.realisation_every == 0:
+                t_probe = time.perf_counter()
+                probe_state = realisation.before(model)
+                probe_seconds += time.perf_counter() - t_probe
 
             optimizer.zero_grad(set_to_none=True)
             # (sum w*l, K, n valid, sum l, n tokens, non-finite, dpo loss sum, correct pairs, pairs)
-            acc = torch.zeros(9, dtype=torch.float64)
+            acc = torch.zeros(10, dtype=torch.float64)  # ..., [9] the SFT normaliser K (Policy.normalizer_share)
             for micro_index in range(rank, len(chunks), world):
                 chunk = chunks[micro_index]
                 if preference:
@@ -650,6 +730,8 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                 else:
                     batch = _to(collate([features[i] for i in chunk], pad_id), device)
                 capture = valuer.capture(share_head=True) if valuer is not None else contextlib.nullcontext()
+                if attention_capture is not None:
+                    attention_capture.reset()
                 with autocast, capture:
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
                 token_loss = token_nll(logits, batch["labels"])  # (B, T-1), graph
@@ -687,10 +769,16 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                     if valuer is not None:
                         scores = scores_to_loss_positions(valuer.score_captured(batch, token_loss, components=False))
                     ref = _pad_rows([ref_losses[i] for i in chunk], width, token_loss) if ref_losses is not None else None
-                    ctx = TokenContext(valid, token_loss.detach(), rho, scores, ref, _policy_generator(config.seed, step, micro_index, 0))
+                    values = _pad_rows([policy_values[i] for i in chunk], width, token_loss) if policy_values is not None else None
+                    attention = attention_capture.values[0] if attention_capture is not None else None  # (B, T, T)
+                    first = position * global_batch + micro_index * mb  # epoch position of the chunk's first example
+                    ctx = TokenContext(valid, token_loss.detach(), rho, scores, ref, _policy_generator(config.seed, step, micro_index, 0),
+                                       precomputed=values, attention=attention,
+                                       epoch_position=torch.arange(first, first + len(chunk), device=valid.device))
                     w = policy.weights(ctx, pcfg)  # (B, T-1) detached
                     loss_sum = (w * token_loss).sum()  # unnormalised; divided by the step's K below
                     kept = w.sum()
+                    acc[9] += float(policy.normalizer_share(w, valid, pcfg))
                 if not torch.isfinite(loss_sum):
                     acc[5] += 1
                     break
@@ -704,7 +792,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                 acc[3] += float((token_loss.detach() * valid).sum())
                 acc[4] += float(batch["attention_mask"].sum())
             _all_reduce(acc, world)
-            normaliser = acc[8].item() if preference else acc[1].item()
+            normaliser = acc[8].item() if preference else acc[9].item()
             skipped = None
             if acc[5] > 0:
                 skipped = "nonfinite"
@@ -726,7 +814,14 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                 else:
                     if config.max_grad_norm is not None:
                         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
+                    step_lr = optimizer.param_groups[0]["lr"]
+                    step_grads = [p.grad.detach().clone() for p in trainable] if probe_state is not None else None
                     optimizer.step()
+                    if probe_state is not None:
+                        t_probe = time.perf_counter()
+                        realised = realisation.after(model, probe_state, step_grads, step_lr)
+                        probe_seconds += time.perf_counter() - t_probe
+                        del step_grads
             optimizer.zero_grad(set_to_none=True)
             with warnings.catch_warnings():  # a skipped step advances the schedule without optimizer.step()
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
@@ -740,7 +835,8 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                 if skipped == "all_masked":
                     counters["all_masked_steps"] += 1
 
-            elapsed = time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0 - probe_seconds
+            step_seconds.append(elapsed)
             row = {
                 "step": step + 1,
                 "loss": acc[0].item() / normaliser if skipped is None else float("nan"),
@@ -755,6 +851,8 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
             if preference:
                 row["dpo_loss"] = acc[6].item() / max(1.0, acc[8].item())
                 row["reward_accuracy"] = acc[7].item() / max(1.0, acc[8].item())
+            if probe_state is not None and skipped is None:
+                row.update(realised)
             history.append(row)
             if live is not None and (step + 1) % config.log_every == 0:
                 _log_live_row(live, row)
@@ -821,6 +919,12 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
 
         final_dir = write_directory(out / FINAL_DIR, write_final)
         atomic_write_text(out / METRICS, json.dumps(summary, indent=2))
+        atomic_write_text(out / TIMING, json.dumps({
+            "mean_step_seconds": sum(step_seconds) / max(1, len(step_seconds)), "steps_timed": len(step_seconds),
+            "device": device.type,
+            "threads": torch.get_num_threads(), "world_size": world,
+            "note": "wall-clock seconds per optimizer step of this process (a resumed run times only its own steps; "
+                    "the value-realisation probes are excluded)"}, indent=2))
         live.end()
         run.finish()  # the checkpoint is removed only once final/ and metrics.json are complete
     if world > 1:

@@ -96,11 +96,21 @@ wildcard_constraints:
 
 
 def matrix_values(wildcard):
-    """The values the run-matrix wildcard ranges over (e.g. `train.methods` for `method`)."""
+    """The values the run-matrix wildcard ranges over (e.g. `train.methods` for `method`); a method
+    must be a token policy or a variant of its section (the schema cannot tell a misspelt policy
+    from a variant name)."""
     section, key = MATRIX[wildcard]
     values = config[section].get(key)
     if not isinstance(values, list) or not values:
         raise WorkflowError(f"{section}.{key} must be a non-empty list (the {wildcard}s to run), got {values!r}")
+    if key == "methods":
+        from alphatoken.policies import POLICIES
+
+        variants = config[section].get("variants") or {}
+        unknown = [m for m in values if m not in POLICIES and m not in variants]
+        if unknown:
+            raise WorkflowError(f"{section}.{key}: {unknown} are neither token policies ({sorted(POLICIES)}) nor "
+                                f"variants of {section}.variants ({sorted(variants)})")
     return values
 
 
@@ -109,10 +119,56 @@ def matrix_params(*wildcards):
     return {MATRIX[w][1]: matrix_values(w) for w in wildcards}
 
 
+VARIANTS = "variants"  # named runs of a training section: {name: {policy, <keys>..., valuation: {...}}}
+
+
 def run_params(section):
-    """A section without the matrix lists: a run's settings (adding a seed does not rerun the others)."""
+    """A section without the matrix lists and the variants: the settings every run shares (adding a
+    seed or a variant does not rerun the others)."""
     matrix_keys = {key for s, key in MATRIX.values() if s == section}
-    return {k: v for k, v in config[section].items() if k not in matrix_keys}
+    return {k: v for k, v in config[section].items() if k not in matrix_keys and k != VARIANTS}
+
+
+def _variant(section, method):
+    return dict((config[section].get(VARIANTS) or {}).get(method) or {})
+
+
+def run_settings(section):
+    """`params:` function: the settings of the run of wildcard `method` (or `dpo_method`), the
+    section's own values with its variant's applied (alphatoken.stages.train.resolve_run does the
+    same for the stage), so a run reruns exactly when its own settings change."""
+
+    def settings(wildcards):
+        method = wildcards.get("method") or wildcards.get("dpo_method")
+        variant = _variant(section, method)
+        variant.pop("policy", None)
+        variant.pop("valuation", None)
+        return {**run_params(section), **variant}
+
+    return settings
+
+
+def run_valuation(section):
+    """`params:` function: the valuation settings of the run of wildcard `method` (its variant's
+    `valuation:` values over the valuation section)."""
+
+    def valuation(wildcards):
+        method = wildcards.get("method") or wildcards.get("dpo_method")
+        return {**config["valuation"], **(_variant(section, method).get("valuation") or {})}
+
+    return valuation
+
+
+EXPERIMENT = config.get("experiment", "")  # configs/experiments/<name>.yaml sets it; "" is the default DAG
+
+
+def report_dir(route="sft"):
+    """Where a route's report goes: results/report (SFT) and results/dpo/report for the default DAG,
+    results/experiments/<name> and results/experiments/<name>/dpo for an experiment overlay (its own
+    table and figures; the runs themselves are shared by name)."""
+    if route == "dpo":
+        return f"results/experiments/{EXPERIMENT}/dpo" if EXPERIMENT else "results/dpo/report"
+    return f"results/experiments/{EXPERIMENT}" if EXPERIMENT else "results/report"
 
 
 def all_runs(pattern):

@@ -206,16 +206,16 @@ rule report_dpo:
         evals=all_runs(rules.evaluate_dpo.output.eval),
         runs=all_runs(rules.train_dpo.output.run),
     output:
-        table="results/dpo/report/table.md",
-        table_csv="results/dpo/report/table.csv",
-        metrics="results/dpo/report/metrics.json",
-        comparisons="results/dpo/report/comparisons.md",
-        comparisons_csv="results/dpo/report/comparisons.csv",
-        tradeoff="results/dpo/report/tradeoff.png",
-        tradeoff_svg="results/dpo/report/tradeoff.svg",
-        tradeoff_csv="results/dpo/report/tradeoff.csv",
-        curves_png="results/dpo/report/curves.png",
-        curves=directory("results/dpo/report/curves"),
+        table=f"{report_dir('dpo')}/table.md",
+        table_csv=f"{report_dir('dpo')}/table.csv",
+        metrics=f"{report_dir('dpo')}/metrics.json",
+        comparisons=f"{report_dir('dpo')}/comparisons.md",
+        comparisons_csv=f"{report_dir('dpo')}/comparisons.csv",
+        tradeoff=f"{report_dir('dpo')}/tradeoff.png",
+        tradeoff_svg=f"{report_dir('dpo')}/tradeoff.svg",
+        tradeoff_csv=f"{report_dir('dpo')}/tradeoff.csv",
+        curves_png=f"{report_dir('dpo')}/curves.png",
+        curves=directory(f"{report_dir('dpo')}/curves"),
     params:
         report=config["report"],
         dpo=matrix_params("dpo_method", "dpo_seed"),
@@ -233,5 +233,5 @@ rule report_dpo:
             "report",
             "report",
             "--runs-section dpo --base {input.base} --evals results/dpo/eval/runs --train results/dpo/train "
-            "--out results/dpo/report --base-name warmstart",
+            f"--out {report_dir('dpo')} --base-name warmstart",
         )

@@ -60,16 +60,16 @@ rule report:
         evals=all_runs(rules.evaluate.output.eval),
         runs=all_runs(rules.train.output.run),
     output:
-        table="results/report/table.md",
-        table_csv="results/report/table.csv",
-        metrics="results/report/metrics.json",
-        comparisons="results/report/comparisons.md",
-        comparisons_csv="results/report/comparisons.csv",
-        tradeoff="results/report/tradeoff.png",
-        tradeoff_svg="results/report/tradeoff.svg",
-        tradeoff_csv="results/report/tradeoff.csv",
-        curves_png="results/report/curves.png",
-        curves=directory("results/report/curves"),
+        table=f"{report_dir()}/table.md",
+        table_csv=f"{report_dir()}/table.csv",
+        metrics=f"{report_dir()}/metrics.json",
+        comparisons=f"{report_dir()}/comparisons.md",
+        comparisons_csv=f"{report_dir()}/comparisons.csv",
+        tradeoff=f"{report_dir()}/tradeoff.png",
+        tradeoff_svg=f"{report_dir()}/tradeoff.svg",
+        tradeoff_csv=f"{report_dir()}/tradeoff.csv",
+        curves_png=f"{report_dir()}/curves.png",
+        curves=directory(f"{report_dir()}/curves"),
     params:
         report=config["report"],
         train=matrix_params("method", "seed"),
@@ -87,7 +87,7 @@ rule report:
             "report",
             "report",
             "--runs-section train --base {input.base} --evals results/eval/runs --train results/train "
-            "--out results/report",
+            f"--out {report_dir()}",
         )
 
 

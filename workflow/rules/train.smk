@@ -1,4 +1,5 @@
-# One token-masked fine-tuning run per method x seed (params.yaml `train.methods`, `train.seeds`),
+# One token-masked fine-tuning run per method x seed (params.yaml `train.methods`, `train.seeds`; a method
+# is a token policy or a named variant of `train.variants`),
 # all from the reference model, with the cached Fisher for the retention proxy (a GPU rule; with
 # `resources.train.gpu > 1` the stage runs torchrun inside its one job).
 
@@ -11,11 +12,12 @@ rule train:
         val=rules.prepare_data.output.val,
         fisher=rules.fisher.output.fisher,
         fisher_prompts=rules.prepare_data.output.fisher,
+        held_out=rules.prepare_data.output.test,  # probes of the value-realisation record (train.realisation_every)
     output:
         run=directory("results/train/{method}-{seed}"),
     params:
-        train=run_params("train"),
-        valuation=config["valuation"],
+        train=run_settings("train"),
+        valuation=run_valuation("train"),
         fisher=config["fisher"],  # settings of the factor Fisher of the LoRA scoring policies
     log:
         "logs/train/{method}-{seed}.log",
@@ -32,5 +34,6 @@ rule train:
             "train",
             "--valuation-section valuation --objective sft --method {wildcards.method} --seed {wildcards.seed} "
             "--model {input.model} --train-data {input.train} --val-data {input.val} --fisher {input.fisher} "
-            "--fisher-prompts {input.fisher_prompts} --fisher-section fisher --out {output.run}",
+            "--fisher-prompts {input.fisher_prompts} --fisher-section fisher --realisation-data {input.held_out} "
+            "--out {output.run}",
         )
