@@ -50,6 +50,7 @@ class PolicyConfig:
     rho_schedule: str = "constant"  # "constant", "linear" or "cosine" from rho to rho_end over training
     stm_ppl_threshold: float | None = None  # STM: mask tokens whose base-model perplexity exceeds this; None keeps the ceil(rho*N) lowest (matched budget)
     confpo_selection: str = "mean"  # ConfPO: "mean" (keep p < mean response p, as in the paper) or "ratio" (the ceil(rho*N) least confident)
+    strata: int = 4  # alphatoken_stratified: equal-count bins of the base model's token loss, each keeping its share of the budget
     lora_rank: int = 16  # LoRA: adapter rank
     lora_alpha: float = 32.0  # LoRA: scaling numerator (scale = alpha / rank)
     lora_dropout: float = 0.0  # LoRA: dropout on the adapter input
@@ -80,6 +81,7 @@ class PolicyConfig:
                               "to 'linear' or 'cosine', or leave rho_end unset (null)", owner)
         check_number(owner, "stm_ppl_threshold", self.stm_ppl_threshold, 1.0, optional=True)  # a perplexity
         check_choice(owner, "confpo_selection", self.confpo_selection, ("mean", "ratio"))
+        check_int(owner, "strata", self.strata, 1)
         check_int(owner, "lora_rank", self.lora_rank, 1)
         check_number(owner, "lora_alpha", self.lora_alpha, 0.0, low_open=True)
         check_number(owner, "lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
@@ -216,6 +218,47 @@ def _bottom_total(ctx, config):
     return top_rho_mask(-ctx.scores.total, ctx.valid, ctx.rho)
 
 
+def stratified_top_mask(scores: torch.Tensor, strata_key: torch.Tensor, valid: torch.Tensor, rho: float,
+                        strata: int) -> torch.Tensor:
+    """Top-rho by `scores` within strata of `strata_key`, with the exact budget `ceil(rho * N)`.
+
+    The N valid entries, ranked by (key ascending, flat index ascending), are cut into `strata`
+    contiguous bins of sizes as equal as possible (the first `N mod strata` one larger); bin b keeps
+    `floor(K n_b / N)` entries plus one for the bins with the largest remainders `K n_b mod N` (ties:
+    lower bin first) until K = ceil(rho N) are kept; inside a bin the largest scores are kept (ties:
+    lower flat index). The kept set then has the key distribution of all tokens, as a random draw
+    does, while the scores decide within each bin. Detached bool mask of `valid`'s shape."""
+    valid = valid.bool()
+    flat_valid = valid.reshape(-1)
+    mask = torch.zeros_like(flat_valid)
+    candidates = flat_valid.nonzero().squeeze(1)  # (N,) flat indices, ascending
+    n = candidates.numel()
+    if n == 0:
+        return mask.view(valid.shape)
+    keys = strata_key.detach().reshape(-1)[candidates].double()
+    values = scores.detach().reshape(-1)[candidates].double()
+    if torch.isnan(keys).any() or torch.isnan(values).any():
+        raise ValueError("stratified_top_mask: NaN keys or scores among the valid tokens")
+    k = kept_count(n, rho)
+    by_key = torch.sort(keys, stable=True).indices  # (N,) positions into candidates
+    sizes = [n // strata + (1 if b < n % strata else 0) for b in range(min(strata, n))]
+    quota = [k * size // n for size in sizes]
+    remainders = sorted(range(len(sizes)), key=lambda b: (-(k * sizes[b] % n), b))
+    for b in remainders[: k - sum(quota)]:
+        quota[b] += 1
+    start = 0
+    for size, q in zip(sizes, quota):
+        members = by_key[start : start + size].sort().values  # positions of this bin, by flat index
+        start += size
+        order = torch.sort(-values[members], stable=True).indices  # largest score first, ties: lower flat index
+        mask[candidates[members[order[:q]]]] = True
+    return mask.view(valid.shape)
+
+
+def _stratified_total(ctx, config):
+    return stratified_top_mask(ctx.scores.total, ctx.reference_loss, ctx.valid, ctx.rho, config.strata)
+
+
 def _random(ctx, config):
     noise = torch.rand(ctx.valid.shape, generator=ctx.generator, dtype=torch.float64)  # (B, T-1), on CPU for reproducibility
     return top_rho_mask(noise.to(ctx.valid.device), ctx.valid, ctx.rho)
@@ -336,6 +379,13 @@ _register(Policy("causal_only", _top_total, "Ablation: top-rho by the causal val
 _register(Policy("no_fisher", _top_total, "Ablation: lam = 0, no Fisher-drift retention proxy.", needs_scores=True, valuation_overrides={"lam": 0.0, **_NO_PROXY}))
 _register(Policy("random", _random, "Control: ceil(rho N) tokens drawn uniformly at random (seeded per step and micro-batch).", random=True))
 _register(Policy("bottom", _bottom_total, "Control: the ceil(rho N) *lowest*-valued tokens by total.", needs_scores=True))
+_register(Policy(
+    "alphatoken_stratified", _stratified_total,
+    "Diagnostic variant (not the paper's method): top-rho by total within `strata` equal-count bins of the base "
+    "model's token loss, each bin keeping its share of the ceil(rho N) budget, so the kept tokens are as hard as "
+    "a random draw's and only the values decide within a difficulty level.",
+    needs_scores=True, needs_reference_loss=True,
+))
 _register(Policy("full", _keep_all, "No mask: standard SFT, or plain DPO (Rafailov et al., NeurIPS 2023) for preference data."))
 _register(Policy("soft", _soft, "Soft weighting: weights = total min-max normalised to [0, 1] over the micro-batch instead of a hard mask.", needs_scores=True))
 _register(Policy(

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from alphatoken.losses import kept_count
+from alphatoken.losses import kept_count, top_rho_mask
 from alphatoken.policies import POLICIES, PolicyConfig, TokenContext, get_policy
 
 TOP_RHO = ["alphatoken", "alphatoken_lora", "adaptation_only", "stability_only", "direct_only", "causal_only", "no_fisher", "random", "bottom", "token_cleaning", "rho1"]
@@ -116,7 +116,54 @@ def test_config_validation_and_registry():
         ctx.scores = None
         get_policy("alphatoken").weights(ctx, PolicyConfig())
     expected = {"alphatoken", "adaptation_only", "stability_only", "direct_only", "causal_only", "no_fisher", "random", "bottom", "full", "soft", "stm", "token_cleaning", "rho1", "confpo", "lora", "alphatoken_lora",
-                "xtf", "sstoken", "talr", "flow"}
+                "xtf", "sstoken", "talr", "flow", "alphatoken_stratified"}
     assert set(POLICIES) == expected
     for policy in POLICIES.values():
         assert policy.doc
+
+
+def _stratified_twin(scores, key, valid, rho, strata):
+    """Explicit loops: rank valid entries by (key, index), equal-count bins, largest-remainder quotas
+    summing to ceil(rho N), the top scores (ties: lower index) inside each bin."""
+    flat = [(i, float(key.reshape(-1)[i]), float(scores.reshape(-1)[i])) for i in range(valid.numel()) if valid.reshape(-1)[i]]
+    n = len(flat)
+    k = math.ceil(round(rho * n, 9))
+    ranked = sorted(flat, key=lambda t: (t[1], t[0]))
+    sizes = [n // strata + (1 if b < n % strata else 0) for b in range(min(strata, n))]
+    quotas = [k * size // n for size in sizes]
+    extra = sorted(range(len(sizes)), key=lambda b: (-(k * sizes[b] % n), b))[: k - sum(quotas)]
+    kept, start = set(), 0
+    for b, size in enumerate(sizes):
+        members = ranked[start:start + size]
+        start += size
+        quota = quotas[b] + (1 if b in extra else 0)
+        kept |= {i for i, _, _ in sorted(members, key=lambda t: (-t[2], t[0]))[:quota]}
+    return torch.tensor([i in kept for i in range(valid.numel())]).view(valid.shape), k
+
+
+@pytest.mark.parametrize("rho,strata", [(0.5, 4), (0.3, 3), (0.25, 1), (0.9, 7), (1.0, 2)])
+def test_stratified_selection_equals_its_twin_with_the_exact_budget(rho, strata):
+    from alphatoken.policies import stratified_top_mask
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(3, 11, generator=g, dtype=torch.float64)
+    key = torch.rand(3, 11, generator=g, dtype=torch.float64).round(decimals=1)  # ties in the key
+    scores[0, :4] = 0.5  # ties in the score
+    valid = torch.rand(3, 11, generator=g) > 0.25
+    mask = stratified_top_mask(scores, key, valid, rho, strata)
+    twin, k = _stratified_twin(scores, key, valid, rho, strata)
+    assert torch.equal(mask, twin) and int(mask.sum()) == k and not (mask & ~valid).any()
+    if strata == 1:  # one bin: plain top-rho
+        assert torch.equal(mask, top_rho_mask(scores, valid, rho))
+
+
+def test_stratified_policy_keeps_the_hardness_profile_of_all_tokens():
+    """Scores that favour hard tokens: plain top-rho keeps the hardest half, the stratified policy
+    keeps half of each quartile of the base loss."""
+    ref = torch.arange(16, dtype=torch.float64).view(1, 16)  # base-model loss, rising
+    valid = torch.ones(1, 16, dtype=torch.bool)
+    ctx = TokenContext(valid, ref.clone(), 0.5, SimpleNamespace(total=ref.clone()), ref)
+    plain = get_policy("alphatoken").weights(ctx, PolicyConfig(name="alphatoken"))
+    stratified = get_policy("alphatoken_stratified").weights(ctx, PolicyConfig(name="alphatoken_stratified"))
+    assert plain[0].nonzero().squeeze(1).tolist() == list(range(8, 16))
+    assert stratified[0].nonzero().squeeze(1).tolist() == [2, 3, 6, 7, 10, 11, 14, 15]

@@ -155,7 +155,7 @@ def test_final_checkpoint_is_a_standard_hf_model_with_metrics(tmp_path, tokenize
     assert (tmp_path / "dvclive" / "plots" / "metrics" / "train" / "kept_fraction.tsv").is_file()
 
 
-VALUER = ["alphatoken", "adaptation_only", "stability_only", "direct_only", "causal_only", "no_fisher", "bottom", "soft"]
+VALUER = ["alphatoken", "adaptation_only", "stability_only", "direct_only", "causal_only", "no_fisher", "bottom", "soft", "alphatoken_stratified"]
 
 
 def _valuation_setup(model):
