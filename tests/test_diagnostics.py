@@ -102,6 +102,15 @@ def test_proxy_is_zero_on_the_reference_and_the_summary_says_why():
         po.compare_scores(pairs, 0.5, DiagnosticsConfig(n_boot=100, random_draws=5))
 
 
+def test_mean_token_nll_is_the_validation_objective():
+    model = build_tiny_model("qwen2", dtype=torch.float64)
+    val = oracle_batch(byte_tokenizer())
+    with torch.no_grad():
+        logits = model(input_ids=val["input_ids"], attention_mask=val["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), val["labels"][:, 1:].flatten())
+    assert abs(po.mean_token_nll(model, val, chunk=2) - float(expected)) < 1e-10
+
+
 # ---------------------------------------------------------------------------------------------
 # D.1: statistics
 

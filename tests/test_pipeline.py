@@ -175,6 +175,7 @@ def test_diagnostics_run_by_name_on_the_smoke_dag(smoke_diagnostics):
     top = oracle["top_overlap"]
     assert 0 <= top["proxy_vs_oracle"] <= 1 and abs(top["random_expected"] - 0.5) < 0.05 and top["random_draws"] == 20
     assert oracle["examples"] == smoke["n_examples"] and oracle["tokens"] > 0
+    assert all(math.isfinite(v) and v > 0 for v in oracle["oracle_nll"].values())
     docs = json.loads((repo / "results/diagnostics/proxy_oracle/oracle_docs.json").read_text())
     assert {task: len(ids) for task, ids in docs["ids"].items()} == {
         t: smoke["oracle_per_task"] for t in ("arc_challenge", "hellaswag", "mmlu", "gsm8k")}
@@ -193,7 +194,7 @@ def test_diagnostics_run_by_name_on_the_smoke_dag(smoke_diagnostics):
 
 
 
-EXPERIMENTS = ["ranking", "ablations", "baselines", "causes", "sensitivity", "dpo"]  # later ones reuse earlier runs
+EXPERIMENTS = ["ranking", "ablations", "baselines", "causes_core", "causes", "sensitivity", "dpo"]  # later ones reuse earlier runs
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,7 @@ from alphatoken.fisher import load_fisher
 from alphatoken.models import ModelSpec, load_model
 from alphatoken.train.data import pad_token_id
 from alphatoken.valuation import TokenValuer, ValuationConfig
+from alphatoken.valuation.scores import token_nll
 
 # The split each benchmark's oracle documents come from (see the module docstring).
 ORACLE_SPLITS = {"arc_challenge": "validation", "hellaswag": "validation", "mmlu": "validation", "gsm8k": "test"}
@@ -204,6 +205,18 @@ def proxy_oracle_scores(model, valuation: ValuationConfig, fisher: dict, referen
             cols["oracle"].append(oracle[b, t].cpu().numpy())
         offset += labels.shape[0]
     return TokenPairs(**{k: np.concatenate(v) for k, v in cols.items()})
+
+
+def mean_token_nll(model, batch: dict, chunk: int = 4) -> float:
+    """J = sum of the token NLLs over every labelled token of `batch` / their number (the valuer's
+    validation objective, here of the oracle set), in chunks of `chunk` sequences, without gradient."""
+    total, count = 0.0, int((batch["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        for i in range(0, batch["labels"].shape[0], chunk):
+            part = {k: v[i:i + chunk] for k, v in batch.items()}
+            logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], use_cache=False).logits
+            total += float(token_nll(logits, part["labels"], torch.float64).sum())  # (B, T-1) summed
+    return total / count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +381,8 @@ def run_proxy_oracle(model_dir: str | Path, reference_dir: str | Path, fisher_pa
                      valuation: ValuationConfig, rho: float, eval_settings: dict, cfg: DiagnosticsConfig,
                      out_dir: str | Path, name: str | None = None) -> dict:
     """D.1 on the checkpoint in `model_dir` against the reference model in `reference_dir` and its
-    Fisher. Writes to `out_dir`: summary.json (`compare_scores` plus the draw's bookkeeping),
+    Fisher. Writes to `out_dir`: summary.json (`compare_scores`, the draw's bookkeeping and `oracle_nll`,
+the oracle set's mean token NLL J_ret under the checkpoint and under the reference),
     oracle_docs.json (the oracle documents' ids per benchmark, their splits, tokens and skips),
     tokens.csv (example id, position, token id, proxy, oracle per scored token) and
     proxy_oracle.png. Returns the summary."""
@@ -380,16 +394,18 @@ def run_proxy_oracle(model_dir: str | Path, reference_dir: str | Path, fisher_pa
     fisher = {k: v.to(dev) for k, v in load_fisher(fisher_path, reference).items()}
     ref_params = dict(reference.named_parameters())
     ref_weights = {p: ref_params[p].detach() for p in scored_linears(reference, valuation.last_k)}
-    del reference
     pad = pad_token_id(tokenizer)
     oracle = oracle_documents(tokenizer, cfg.oracle_per_task, cfg.seed, cfg.oracle_max_length, eval_settings)
     draw = draw_training_examples(train_examples, tokenizer, cfg.n_examples, cfg.max_length, cfg.seed)
     oracle_batch = {k: v.to(dev) for k, v in collate(oracle.features, pad).items()}
+    # J_ret on both weights: whether training moved the oracle set's loss up (forgetting) or down
+    oracle_nll = {"model": mean_token_nll(model, oracle_batch), "reference": mean_token_nll(reference, oracle_batch)}
+    del reference
     pairs = proxy_oracle_scores(model, valuation, fisher, ref_weights, oracle_batch,
                                 batches(draw.features, cfg.batch_size, pad, dev))
     summary = compare_scores(pairs, rho, cfg)
     summary.update({"model": str(model_dir), "reference": str(reference_dir), "training_examples": draw.ids,
-                    "training_counts": draw.counts, "oracle_documents": len(oracle.ids),
+                    "training_counts": draw.counts, "oracle_documents": len(oracle.ids), "oracle_nll": oracle_nll,
                     "valuation": {"last_k": valuation.last_k, "window": valuation.window, "signal": valuation.signal}})
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     by_task = {b: [i for i in oracle.ids if i.startswith(b + "/")] for b in oracle.benchmarks}
