@@ -172,3 +172,17 @@ def test_experiment_overlay_opens_with_its_commands_and_builds_every_run(path):
         assert set(pair) <= set(methods)
     unused = set(config[section].get("variants", {})) - set(methods)
     assert not unused, f"variants defined but not run: {unused}"
+
+
+def test_a_variant_name_means_the_same_run_in_every_overlay():
+    """Runs are shared by name across experiments (results/train/<name>-<seed>): two overlays giving
+    one variant name different settings would overwrite each other's runs."""
+    seen: dict[str, tuple[str, dict]] = {}
+    for path in EXPERIMENTS:
+        config = yaml.safe_load(path.read_text())
+        for section in ("train", "dpo"):
+            for name, settings in (config.get(section, {}).get("variants") or {}).items():
+                key = f"{section}.{name}"
+                if key in seen:
+                    assert seen[key][1] == settings, f"{key}: {seen[key][0]} and {path.name} differ"
+                seen[key] = (path.name, settings)

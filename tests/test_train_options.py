@@ -150,7 +150,7 @@ def test_realisation_never_changes_the_run_and_scores_the_alphatoken_step(tmp_pa
                          realisation_data=held_out())
     assert max_param_diff(plain.model, recorded.model) == 0.0
     rows = live_rows(tmp_path / "b", ["heldout_grad_cos"])
-    assert len(rows["heldout_grad_cos"]) == 1  # steps 1 and 3 of 2 steps: step 1 only (every 2)
+    assert len(rows["heldout_grad_cos"]) == 1  # every 2nd of 2 steps: step 2 only
     timing = json.loads((tmp_path / "b" / TIMING).read_text())
     assert timing["steps_timed"] == 2 and timing["mean_step_seconds"] > 0
 

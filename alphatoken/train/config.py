@@ -40,7 +40,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between resumable checkpoints; 0: only on preemption
     trainable: str = "all"  # "all" weights, or "scored": only the scored weights (nn.Linear weights of the last
     # valuation.last_k blocks, those the token values are computed on); the rest stays frozen
-    realisation_every: int = 0  # steps between value-realisation records (0: none; needs `realisation_data`)
+    realisation_every: int = 0  # record the value realisation of every n-th step (0: none; needs `realisation_data`)
     policy: PolicyConfig = field(default_factory=PolicyConfig)  # token policy, rho and its schedule
     valuation: object = None  # alphatoken.valuation.ValuationConfig; None: its paper defaults
     dpo_beta: float = 0.1  # DPO temperature beta (paper: 0.1)

@@ -715,7 +715,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
             if valuer is not None and (step % refresh == 0 or (step == start_step and not restored_valuation)):
                 valuer.set_validation(val_batch, objective=val_objective)
             probe_state, probe_seconds = None, 0.0
-            if realisation is not None and step % config.realisation_every == 0:
+            if realisation is not None and (step + 1) % config.realisation_every == 0:  # every n-th step
                 t_probe = time.perf_counter()
                 probe_state = realisation.before(model)
                 probe_seconds += time.perf_counter() - t_probe
