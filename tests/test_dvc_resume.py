@@ -35,7 +35,7 @@ def test_training_stages_persist_their_run_directories(tmp_path):
     assert default["train"]["outs"] == [{"results/train/${item.method}-${item.seed}": {"persist": True}}]
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("Snakefile", "params.yaml", "dvc.yaml", "workflow", "configs", "alphatoken"):
+    for name in ("Snakefile", "params.yaml", "dvc.yaml", "workflow", "profiles", "configs", "alphatoken"):
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

@@ -80,7 +80,7 @@ def dvc_changed(repo: Path) -> set[str]:
 def smoke_repo(tmp_path_factory) -> tuple[Path, float]:
     repo = tmp_path_factory.mktemp("pipeline") / "repo"
     repo.mkdir()
-    for name in ("Snakefile", "params.yaml", "dvc.yaml", ".dvcignore", "workflow", "configs", "alphatoken"):
+    for name in ("Snakefile", "params.yaml", "dvc.yaml", ".dvcignore", "workflow", "profiles", "configs", "alphatoken"):
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -214,11 +214,17 @@ def test_experiment_config_runs_end_to_end_on_the_smoke_model(experiments_repo, 
     the sweep figures (sensitivity) and the value-realisation record (causes)."""
     repo = experiments_repo
     config = yaml.safe_load((repo / "configs" / "experiments" / f"{name}.yaml").read_text())
-    began = time.perf_counter()
-    run(repo, str(BIN / "snakemake"), "-c2", "--configfile", "configs/smoke.yaml", f"configs/experiments/{name}.yaml",
-        "configs/one_seed.yaml", timeout=3000)
-    print(f"experiment {name} on the smoke model: {time.perf_counter() - began:.1f} s")
     sft = "sft" in config.get("routes", ["sft"])
+    runs_dir = repo / "results" / ("train" if sft else "dpo/train")
+    before = {p.name for p in runs_dir.iterdir()} if runs_dir.is_dir() else set()
+    began = time.perf_counter()
+    out = run(repo, str(BIN / "snakemake"), "-c2", "--configfile", "configs/smoke.yaml", f"configs/experiments/{name}.yaml",
+              "configs/one_seed.yaml", timeout=3000)
+    print(f"experiment {name} on the smoke model: {time.perf_counter() - began:.1f} s")
+    # runs are shared by name: only the experiment's new runs train (the overlay changes no other job's parameters)
+    listed = {f"{m}-0" for m in config["train" if sft else "dpo"]["methods"]}
+    trained = re.findall(r"^(?:local)?rule (train|train_dpo):\n(?:.*\n)*?\s+wildcards: \w+=(\w+), \w+=(\d+)", out, re.M)
+    assert {f"{m}-{s}" for _, m, s in trained} == listed - before, out[-3000:]
     out = repo / "results" / "experiments" / name / ("" if sft else "dpo")
     section = "train" if sft else "dpo"
     methods = config[section]["methods"]

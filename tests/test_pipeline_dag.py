@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "workflow" / "scripts"))
 import stagedeps  # noqa: E402
 import sync_dvc  # noqa: E402
 
-PIPELINE_FILES = ("Snakefile", "params.yaml", "dvc.yaml", "workflow", "configs", "alphatoken")
+PIPELINE_FILES = ("Snakefile", "params.yaml", "dvc.yaml", "workflow", "profiles", "configs", "alphatoken")
 
 
 def copy_pipeline(dest: Path) -> Path:

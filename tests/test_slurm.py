@@ -63,7 +63,7 @@ def cluster(tmp_path_factory):
 def test_smoke_dag_runs_through_the_slurm_executor(cluster, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("Snakefile", "params.yaml", "dvc.yaml", "workflow", "configs", "alphatoken", "slurm"):
+    for name in ("Snakefile", "params.yaml", "dvc.yaml", "workflow", "profiles", "configs", "alphatoken", "slurm"):
         src = REPO / name
         if src.is_symlink():
             (repo / name).symlink_to(src.readlink())
