@@ -138,6 +138,19 @@ def test_realisation_rows_average_the_recorded_steps_and_give_the_realised_share
     assert row["val_grad_cos"] == pytest.approx(statistics.fmean([0.1, 0.2, 0.3, 0.2, 0.2]))
 
 
+def test_report_writes_curves_whose_later_steps_carry_the_realisation_columns(tmp_path):
+    """The record starts at step n (realisation_every): the curves CSV has every column, empty where a
+    step has no record, and the realisation summary reads the recorded steps."""
+    base = {"method": "base", "seed": 0, "metrics": {"target NLL": 2.0}, "examples": {"target NLL": {"0": 2.0, "1": 2.0}}}
+    runs = [base, _run("a_x", 0, [1.0, 1.2])]
+    curves = {"a_x-0": [{"step": 1, "loss": 1.0, "kept_fraction": 0.5}] + _history(2, lambda p, f, s: 0.1)[1:]}
+    paths = build_report(runs, tmp_path, ReportConfig(baselines=(), figure_x="retention KL", figure_y="target NLL"),
+                         base="base", curves=curves)
+    rows = list(csv.DictReader(open(tmp_path / "curves" / "a_x-0.csv")))
+    assert rows[0]["heldout_sgd_pred"] == "" and float(rows[1]["heldout_sgd_pred"]) == 0.1
+    assert [r["steps"] for r in csv.DictReader(open(paths["realisation_csv"]))] == ["1"]
+
+
 def test_report_pairs_are_compared_and_unknown_pairs_refused(tmp_path):
     base = {"method": "base", "seed": 0, "metrics": {"target NLL": 2.0}, "examples": {"target NLL": {"0": 2.0, "1": 2.0}}}
     runs = [base, _run("a_x", 0, [1.0, 1.2]), _run("r_x", 0, [1.1, 1.4])]

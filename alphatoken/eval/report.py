@@ -768,7 +768,8 @@ def build_report(runs: list[dict], out_dir: str | Path, cfg: ReportConfig = Repo
         (out / "curves").mkdir(parents=True, exist_ok=True)
         for run, rows in curves.items():
             with open(out / "curves" / f"{run}.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["step"])
+                columns = list(dict.fromkeys(key for row in rows for key in row)) or ["step"]  # recorded steps add columns
+                writer = csv.DictWriter(f, fieldnames=columns, restval="")
                 writer.writeheader()
                 writer.writerows(rows)
         paths["curves_png"] = training_curves_figure(curves, out / "curves.png")
