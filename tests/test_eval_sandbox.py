@@ -494,7 +494,9 @@ def test_fork_bomb_is_bounded(mode):
     assert_no_survivors(tag)
     assert not result.passed
     if mode == "bwrap":
-        assert 1 <= peak[0] <= 8 and "Resource temporarily unavailable" in result.stderr
+        # the limit was hit (fork failed with EAGAIN) and never more than 8 were seen; on a loaded host the
+        # 10 ms sampler may see none of the short-lived processes, so a lower bound would test the host
+        assert peak[0] <= 8 and "Resource temporarily unavailable" in result.stderr
     else:
         assert peak[0] == 0 and result.status == "blocked"
 
