@@ -101,6 +101,11 @@ def write_sweeps(rows: list[dict], out_dir: str | Path, cfg: report_lib.ReportCo
     return paths
 
 
+def _recorded(rows: list[dict]) -> list[dict]:
+    """The history rows of the steps that carry the value-realisation record."""
+    return [r for r in rows if all(c in r for c in REALISATION_COLUMNS)]
+
+
 def realisation_rows(curves: Mapping[str, list[dict]], methods: Mapping[str, str]) -> list[dict]:
     """Per method: the mean over its recorded steps (all seeds pooled) of every realisation column,
     plus `steps` (rows averaged) and the ratio `heldout_realised = sum loss_change / sum sgd_pred`
@@ -108,8 +113,7 @@ def realisation_rows(curves: Mapping[str, list[dict]], methods: Mapping[str, str
     history rows; `methods`: run name -> method."""
     pooled: dict[str, list[dict]] = {}
     for run, rows in curves.items():
-        recorded = [r for r in rows if all(c in r for c in REALISATION_COLUMNS)]
-        pooled.setdefault(methods[run], []).extend(recorded)
+        pooled.setdefault(methods[run], []).extend(_recorded(rows))
     out = []
     for method, rows in pooled.items():
         if not rows:
@@ -138,9 +142,13 @@ def write_realisation(rows: list[dict], curves: Mapping[str, list[dict]], method
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-    recorded = {run: [r for r in rows_ if all(c in r for c in REALISATION_COLUMNS)] for run, rows_ in curves.items()}
+    recorded = {run: _recorded(history) for run, history in curves.items()}
     figure = realisation_figure({run: rs for run, rs in recorded.items() if rs}, methods, out / "realisation.png")
     return {"realisation_csv": path, "realisation_png": figure}
+
+
+def _cell(value: float, lo: float | None, hi: float | None) -> str:
+    return f"{value:+.4f}" + (f" [{lo:+.4f}, {hi:+.4f}]" if lo is not None else "")
 
 
 def markdown(sweeps: list[dict], realisation: list[dict], time_baseline: str) -> str:
@@ -152,11 +160,9 @@ def markdown(sweeps: list[dict], realisation: list[dict], time_baseline: str) ->
                   f"figure); step time relative to `{time_baseline}` of the same seed (mean ± std over seeds).", "",
                   "| setting | run | value | target gain | retention drift | step time |", "|---|---|---|---|---|---|"]
         for r in sweeps:
-            def cell(v, lo, hi):
-                return f"{v:+.4f}" + (f" [{lo:+.4f}, {hi:+.4f}]" if lo is not None else "")
             time = "—" if r["time"] is None else f"{r['time']:.2f}× ± {r['time_std']:.2f}"
-            lines.append(f"| {r['sweep']} | {r['method']} | {r['value']:g} | {cell(r['target'], r['target_lo'], r['target_hi'])} "
-                         f"| {cell(r['drift'], r['drift_lo'], r['drift_hi'])} | {time} |")
+            lines.append(f"| {r['sweep']} | {r['method']} | {r['value']:g} | {_cell(r['target'], r['target_lo'], r['target_hi'])} "
+                         f"| {_cell(r['drift'], r['drift_lo'], r['drift_hi'])} | {time} |")
         lines.append("")
     if realisation:
         lines += ["## Value realisation", "",

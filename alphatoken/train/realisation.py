@@ -28,6 +28,8 @@ it; the time is measured apart and left out of the step's throughput. The record
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from alphatoken.losses import loss_positions, token_nll
@@ -36,25 +38,28 @@ from alphatoken.train.data import collate
 FIELDS = ("sgd_pred", "sgd_pred_scored", "update_pred", "update_pred_scored", "loss_change", "grad_cos", "update_cos")
 
 
-def _mean_loss_and_grad(model, features: list[dict], pad_id: int, params: list[torch.nn.Parameter], chunk: int,
-                        device, autocast) -> tuple[float, list[torch.Tensor]]:
-    """(mean response-token NLL over `features`, its gradient w.r.t. `params`), in chunks of `chunk`
-    examples: the sum's gradient accumulated chunk by chunk, then divided by the token count."""
-    total, count = 0.0, 0
-    grads = [torch.zeros_like(p) for p in params]
+def _chunks(model, features: list[dict], pad_id: int, chunk: int, device, autocast):
+    """(sum of response-token NLLs, response-token count) of `features`, `chunk` examples per forward."""
     for start in range(0, len(features), chunk):
-        batch = collate(features[start : start + chunk], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in collate(features[start : start + chunk], pad_id).items()}
         with autocast:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, T, V)
-        nll = token_nll(logits, batch["labels"])  # (b, T-1)
         valid = loss_positions(batch["labels"])  # (b, T-1)
-        loss_sum = (nll * valid).sum()
+        yield (token_nll(logits, batch["labels"]) * valid).sum(), int(valid.sum())
+
+
+def _mean_loss_and_grad(model, features: list[dict], pad_id: int, params: list[torch.nn.Parameter], chunk: int,
+                        device, autocast) -> tuple[float, list[torch.Tensor]]:
+    """(mean response-token NLL over `features`, its gradient w.r.t. `params`): the sum's gradient
+    accumulated chunk by chunk, then divided by the token count."""
+    total, count = 0.0, 0
+    grads = [torch.zeros_like(p) for p in params]
+    for loss_sum, n in _chunks(model, features, pad_id, chunk, device, autocast):
         for g, d in zip(grads, torch.autograd.grad(loss_sum, params, allow_unused=True)):
             if d is not None:
                 g += d
         total += float(loss_sum.detach())
-        count += int(valid.sum())
+        count += n
     if count == 0:
         raise ValueError("a realisation probe set has no response tokens")
     return total / count, [g / count for g in grads]
@@ -63,13 +68,9 @@ def _mean_loss_and_grad(model, features: list[dict], pad_id: int, params: list[t
 @torch.no_grad()
 def _mean_loss(model, features: list[dict], pad_id: int, chunk: int, device, autocast) -> float:
     total, count = 0.0, 0
-    for start in range(0, len(features), chunk):
-        batch = collate(features[start : start + chunk], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, T, V)
-        total += float((token_nll(logits, batch["labels"]) * loss_positions(batch["labels"])).sum())
-        count += int(loss_positions(batch["labels"]).sum())
+    for loss_sum, n in _chunks(model, features, pad_id, chunk, device, autocast):
+        total += float(loss_sum)
+        count += n
     return total / count
 
 
@@ -91,8 +92,6 @@ class ValueRealisation:
 
     def __init__(self, probes: dict[str, list[dict]], params: list[torch.nn.Parameter], scored: list[bool], pad_id: int,
                  device, chunk: int = 4, autocast=None):
-        import contextlib
-
         for name, features in probes.items():
             if not features:
                 raise ValueError(f"realisation probe {name!r} has no usable example")
