@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+import shutil
 
 import pytest
 import yaml
@@ -442,6 +443,26 @@ def test_report_stage_rejects_unknown_and_mistyped_fields(tmp_path, capsys):
     params.write_text(text + "  units: {'*NLL*': nats}\n  higher_is_better: [HE]\n")
     report_stage.main(argv)  # a mapping and a list are accepted where the config holds tuples
     assert "alphatoken_wordnet ?" in (tmp_path / "report" / "comparisons.md").read_text()
+
+
+def test_report_stage_adds_runs_outside_the_matrix_and_refuses_a_clash(tmp_path, capsys):
+    """`--extra-run` (a merge or a selection run with its own evaluation directory): its rows join the
+    table like the matrix's, curves only where it has a run directory; a name of the matrix is refused."""
+    runs, argv = synthetic_evaluation(tmp_path)
+    for s in (0, 1):  # a copy of full's evaluations under another name and directory, without curves
+        shutil.copytree(tmp_path / "runs" / f"full-{s}", tmp_path / "merged" / f"m-{s}")
+    report_stage.main(argv + [arg for s in (0, 1) for arg in ("--extra-run", "merged", str(s), str(tmp_path / "merged" / f"m-{s}"), "-")])
+    rows = {row["method"]: row for row in read_csv(tmp_path / "report" / "table.csv")}
+    assert "merged" in rows and "full" in rows, rows.keys()
+    full_nll = [runs[f"full-{s}"]["metrics"]["target NLL"] for s in (0, 1)]
+    assert float(rows["merged"]["target NLL mean"]) == pytest.approx(sum(full_nll) / 2), rows["merged"]
+    assert rows["merged"]["n_seeds"] == "2"
+    with pytest.raises(SystemExit):
+        report_stage.main(argv + ["--extra-run", "full", "0", str(tmp_path / "merged" / "m-0"), "-"])
+    assert "repeat runs of train.methods x seeds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        report_stage.main(argv + ["--extra-run", "merged", "x", str(tmp_path / "merged" / "m-0"), "-"])
+    assert "seed 'x' is not a non-negative integer" in capsys.readouterr().err
 
 
 def test_dvc_plots_pass_dvc_schema_and_include_the_images():

@@ -40,12 +40,22 @@ def read_curves(live_dir: Path) -> list[dict]:
     return [rows[s] for s in sorted(rows)]
 
 
+def _seed(text: str) -> int:
+    if not text.isdigit():
+        fail(f"--extra-run: seed {text!r} is not a non-negative integer")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--runs-section", required=True, help="section with the `methods` and `seeds` lists")
     for flag in ("--base", "--evals", "--train", "--out"):
         parser.add_argument(flag, required=True)
     parser.add_argument("--base-name", default="base", help="row name of the reference model in the table")
+    parser.add_argument("--extra-run", nargs=4, action="append", default=[], metavar=("METHOD", "SEED", "EVAL", "RUN"),
+                        help="a run outside the runs section's matrix (a merge of trained weights, a training on a "
+                             "selected subset): its row name, seed, evaluation directory and run directory (`-` "
+                             "when it has no training curves or timing); repeat per run")
     args = parser.parse_args(argv)
     try:
         section = read_section(args.params, args.section)
@@ -69,15 +79,19 @@ def main(argv: list[str] | None = None) -> None:
     try:
         runs = [{"method": args.base_name, "seed": 0, **read_run(args.base)}]
         curves, timing = {}, {}
-        for method in methods:
-            for seed in seeds:
-                run = f"{method}-{seed}"
-                if not (Path(args.evals) / run / "metrics.json").is_file():
-                    fail(f"{Path(args.evals) / run / 'metrics.json'} is missing for run {run} of "
-                         f"{args.runs_section}.methods x seeds: rerun its evaluate rule")
-                runs.append({"method": method, "seed": seed, **read_run(Path(args.evals) / run)})
-                curves[run] = read_curves(Path(args.train) / run / "dvclive")
-                seconds = read_timing(Path(args.train) / run)
+        matrix = [(m, s, Path(args.evals) / f"{m}-{s}", Path(args.train) / f"{m}-{s}") for m in methods for s in seeds]
+        extra = [(m, _seed(s), Path(e), None if r == "-" else Path(r)) for m, s, e, r in args.extra_run]
+        clash = {(m, s) for m, s, _, _ in matrix} & {(m, s) for m, s, _, _ in extra}
+        if clash:
+            fail(f"--extra-run {sorted(clash)} repeat runs of {args.runs_section}.methods x seeds: give them another name")
+        for method, seed, eval_dir, run_dir in matrix + extra:
+            run = f"{method}-{seed}"
+            if not (eval_dir / "metrics.json").is_file():
+                fail(f"{eval_dir / 'metrics.json'} is missing for run {run}: rerun its evaluate rule")
+            runs.append({"method": method, "seed": seed, **read_run(eval_dir)})
+            if run_dir is not None:
+                curves[run] = read_curves(run_dir / "dvclive")
+                seconds = read_timing(run_dir)
                 if seconds is not None:
                     timing[(method, seed)] = seconds
         paths = build_report(runs, args.out, cfg, base=args.base_name, curves=curves, timing=timing)
