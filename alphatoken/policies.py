@@ -366,6 +366,13 @@ _NO_TARGET = {"use_tgt_dir": False, "use_tgt_cau": False}
 
 POLICIES: dict[str, Policy] = {}
 
+# Baselines that are not token policies but runs with rules of their own (a selection before training, a
+# merge after it): their names in a `methods` list are refused, naming where they are configured.
+SECTION_RUNS: dict[str, str] = {
+    "less": "LESS, a selection stage before training: `less:` in params.yaml (less.enabled, less.seeds; "
+            "workflow/rules/less.smk)",
+}
+
 
 def _register(policy: Policy) -> None:
     POLICIES[policy.name] = policy

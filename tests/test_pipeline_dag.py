@@ -54,10 +54,14 @@ def dvc_stages() -> dict:
 
 @pytest.fixture(scope="module")
 def both_routes_stages(tmp_path_factory) -> dict:
-    """The DVC stages of both routes (the smoke overlay, `routes: [sft, dpo]`) as `sync_dvc.py --use`
-    generates them in a scratch copy: dvc.yaml itself is generated for the default route only."""
+    """The DVC stages of both routes (the smoke overlay, `routes: [sft, dpo]`) and of the runs outside the
+    matrix (`less.enabled`) as `sync_dvc.py --use` generates them in a scratch copy: dvc.yaml itself is
+    generated for the default route only."""
     repo = copy_pipeline(tmp_path_factory.mktemp("routes") / "repo")
-    result = subprocess.run([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--use", "configs/smoke.yaml",
+    overlay = yaml.safe_load((repo / "configs/smoke.yaml").read_text())
+    overlay.setdefault("less", {})["enabled"] = True
+    (repo / "configs/every_stage.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
+    result = subprocess.run([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--use", "configs/every_stage.yaml",
                              "--root", str(repo)], capture_output=True, text=True, timeout=120, cwd=repo)
     assert result.returncode == 0, result.stdout + result.stderr
     return yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]

@@ -22,7 +22,7 @@ from alphatoken.checkpoint import RunMismatchError
 from alphatoken.data import DataError, read_split
 from alphatoken.fisher import FisherConfig, FisherMismatchError, FisherPrompts, load_fisher
 from alphatoken.models import ModelSpec, load_model
-from alphatoken.policies import POLICIES, PolicyConfig, get_policy
+from alphatoken.policies import POLICIES, SECTION_RUNS, PolicyConfig, get_policy
 from alphatoken.stages.common import (
     ParamsError, Section, fail, gpus_requested, init_distributed, log_run_environment, read_section,
     relaunch_under_torchrun, split_section, stage_parser, to_config,
@@ -45,6 +45,9 @@ def resolve_run(section: Section, valuation: Section, method: str) -> tuple[str,
     (`{policy: NAME, <keys of the section>..., valuation: {<valuation keys>...}}`) whose values replace
     the section's and the valuation's, located at the variant's lines. The run section comes back
     without `variants`."""
+    if method in SECTION_RUNS:
+        raise ParamsError(f"{section.locate('methods')}: {method!r} is not a token policy but a run with rules of its "
+                          f"own, configured in its section: {SECTION_RUNS[method]}")
     variants = section.values.get(VARIANTS_KEY) or {}
     values = {k: v for k, v in section.values.items() if k != VARIANTS_KEY}
     if method in variants and method in POLICIES:

@@ -104,8 +104,12 @@ def matrix_values(wildcard):
     if not isinstance(values, list) or not values:
         raise WorkflowError(f"{section}.{key} must be a non-empty list (the {wildcard}s to run), got {values!r}")
     if key == "methods":
-        from alphatoken.policies import POLICIES
+        from alphatoken.policies import POLICIES, SECTION_RUNS
 
+        elsewhere = [m for m in values if m in SECTION_RUNS]
+        if elsewhere:
+            raise WorkflowError(f"{section}.{key}: {elsewhere} are not token policies but runs with rules of their own, "
+                                f"configured in their sections: " + "; ".join(SECTION_RUNS[m] for m in elsewhere))
         variants = config[section].get("variants") or {}
         unknown = [m for m in values if m not in POLICIES and m not in variants]
         if unknown:
@@ -157,6 +161,22 @@ def run_valuation(section):
         return {**config["valuation"], **(_variant(section, method).get("valuation") or {})}
 
     return valuation
+
+
+# Runs outside the matrices (a selection before training, a merge after it), each (row name, seed,
+# evaluation directory, run directory or "-"): their rule files add them when their section enables them,
+# the report lists them with --extra-run and `all` builds them.
+EXTRA_RUNS = []
+
+
+def extra_run_args():
+    """The report's --extra-run arguments for EXTRA_RUNS."""
+    return "".join(f" --extra-run {method} {seed} {eval_dir} {run_dir}" for method, seed, eval_dir, run_dir in EXTRA_RUNS)
+
+
+def less_enabled():
+    """LESS (params.yaml `less`) runs: its selection, its runs and their evaluations (workflow/rules/less.smk)."""
+    return bool((config.get("less") or {}).get("enabled"))
 
 
 EXPERIMENT = config.get("experiment", "")  # configs/experiments/<name>.yaml sets it; "" is the default DAG

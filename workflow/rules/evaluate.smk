@@ -59,6 +59,8 @@ rule report:
         base=rules.evaluate_base.output.eval,
         evals=all_runs(rules.evaluate.output.eval),
         runs=all_runs(rules.train.output.run),
+        extra_evals=[eval_dir for _, _, eval_dir, _ in EXTRA_RUNS],  # runs outside the matrix (less)
+        extra_runs=[run_dir for _, _, _, run_dir in EXTRA_RUNS if run_dir != "-"],
     output:
         table=f"{report_dir()}/table.md",
         table_csv=f"{report_dir()}/table.csv",
@@ -87,7 +89,7 @@ rule report:
             "report",
             "report",
             "--runs-section train --base {input.base} --evals results/eval/runs --train results/train "
-            f"--out {report_dir()}",
+            f"--out {report_dir()}" + extra_run_args(),
         )
 
 

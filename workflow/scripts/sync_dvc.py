@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # stage's outputs before running it unless they are `persist: true`, and then a preempted or killed
 # run could not resume under `dvc repro`. The stage decides itself whether what it finds there may be
 # reused (alphatoken.train.loop: the run identity), so persisting never mixes two configurations.
-RESUMABLE_STAGES = ("alphatoken.stages.train",)
+RESUMABLE_STAGES = ("alphatoken.stages.train", "alphatoken.stages.less")  # less: its warm-up and gradients
 DEFAULT_TARGET = "all"  # the Snakefile's default target rule
 # Rules outside the default target (`snakemake proxy_oracle` runs them by name): the diagnostics.
 ON_DEMAND_RULES = ("proxy_oracle", "attention_deviation")
@@ -124,13 +124,14 @@ def _template(text: str, names) -> str:
 
 
 def _matrix_dir(pattern: str, rule_name: str) -> str:
-    """`results/eval/runs/{method}-{seed}` -> `results/eval/runs`: where all jobs of a rule write."""
+    """`results/eval/runs/{method}-{seed}` (or `results/eval/less/less-{less_seed}`) -> `results/eval/runs`:
+    where all jobs of a rule write, each in an entry of its own."""
     static = pattern.split("{", 1)[0]
-    if "/" not in static or not static.endswith("/"):
+    if "/" not in static or "/" in pattern[len(static):]:
         raise RuleDeclarationError(
             f"rule {rule_name}: output {pattern!r} must be a directory entry of its own (results/<dir>/<wildcards>) "
             "so that stages reading all its jobs can depend on the directory")
-    return static.rstrip("/")
+    return static.rsplit("/", 1)[0]
 
 
 def snakemake_stages(root: Path = ROOT) -> tuple[dict, dict]:
