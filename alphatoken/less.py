@@ -15,8 +15,8 @@ gradients align with the target validation set's. Follows the official source, p
    examples keep g.
 3. Projection. x -> x P, P (D, k) of i.i.d. Rademacher entries +-1/sqrt(k) (`projection_dim` = k). LESS uses
    trak's projector, which draws the same distribution; here P is drawn block by block of PROJECTION_BLOCK
-   parameter rows, block j from a torch generator seeded `projection_seed * 2**32 + j`, so it is exact, never
-   held whole, and the same for any batch of gradients. Each projected vector is then L2-normalised.
+   parameter rows, block j from a torch generator seeded with `block_seed(projection_seed, j)`, so it is
+   exact, never held whole, and the same for any batch of gradients. Each projected vector is then L2-normalised.
 4. Score. score(z) = sum_i eta_i / (sum_j eta_j) * mean_{z' in val} <Gamma^_i(z), g^_i(z')>. LESS takes the
    max over the target task's subtasks of these per-subtask means; the validation set here is one task.
 5. Selection. The best examples by score (ties: the earlier example): `ceil(ratio * N)` of the N scored
@@ -101,8 +101,6 @@ class LessConfig:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         for name in ("projection_seed", "seed"):
             check_int(owner, name, getattr(self, name), 0)
-        if self.projection_seed >= 2**31:
-            raise ConfigError("projection_seed", f"{self.projection_seed} must be below 2**31", owner)
         check_int(owner, "max_length", self.max_length, 2)
 
 
@@ -188,10 +186,16 @@ def adam_preconditioned(grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: 
 # The random projection
 
 
+def block_seed(seed: int, block: int) -> int:
+    """The seed of block `block` of the projection of seed `seed`: 32 bits of SHA-256 of "seed/block" (torch's
+    CPU generator keeps only the low 32 bits of a seed, so `seed * 2**32 + block` would not tell seeds apart)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{block}".encode()).digest()[:4], "little")
+
+
 class RademacherProjection:
     """x -> x P for P `[dim_in, dim_out]` with i.i.d. entries +-1/sqrt(dim_out), drawn block by block:
     rows [j * PROJECTION_BLOCK, (j + 1) * PROJECTION_BLOCK) come from `torch.randint(0, 2, ...)` on a CPU
-    generator seeded `seed * 2**32 + j`. No block is kept: memory stays at one block whatever dim_in."""
+    generator seeded `block_seed(seed, j)`. No block is kept: memory stays at one block whatever dim_in."""
 
     def __init__(self, dim_in: int, dim_out: int, seed: int):
         self.dim_in, self.dim_out, self.seed = dim_in, dim_out, seed
@@ -199,7 +203,7 @@ class RademacherProjection:
     def block(self, j: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
         """Rows of block j of P, `[rows, dim_out]`."""
         rows = min(PROJECTION_BLOCK, self.dim_in - j * PROJECTION_BLOCK)
-        generator = torch.Generator().manual_seed(self.seed * 2**32 + j)
+        generator = torch.Generator().manual_seed(block_seed(self.seed, j))
         signs = torch.randint(0, 2, (rows, self.dim_out), generator=generator, dtype=torch.int8)  # (rows, k)
         return ((signs.to(dtype) * 2 - 1) / math.sqrt(self.dim_out)).to(device)
 
@@ -274,7 +278,7 @@ def warm_up(model: nn.Module, features: list[dict], pad_id: int, cfg: LessConfig
     first = 0
     if start is not None:
         load_adapter(model, start["adapter"])
-        optimizer.load_state_dict(start["optimizer"])
+        optimizer.load_state_dict(_clone_state(start["optimizer"]))  # it would step `start`'s own tensors
         first = start["epoch"]
     checkpoints = []
     model.train()
