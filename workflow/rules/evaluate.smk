@@ -89,7 +89,7 @@ rule report:
             "report",
             "report",
             "--runs-section train --base {input.base} --evals results/eval/runs --train results/train "
-            f"--out {report_dir()}" + extra_run_args(),
+            f"--out {report_dir()}{extra_run_args()}",
         )
 
 

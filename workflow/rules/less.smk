@@ -54,9 +54,9 @@ rule train_less:
         train=run_params("train"),
         valuation=config["valuation"],
     log:
-        "logs/train_less/less-{less_seed}.log",
+        "logs/train_less/{less_seed}.log",
     benchmark:
-        "benchmarks/train_less/less-{less_seed}.tsv"
+        "benchmarks/train_less/{less_seed}.tsv"
     threads: rule_threads("train_less")
     resources:
         **rule_resources("train_less"),
@@ -84,9 +84,9 @@ rule evaluate_less:
     params:
         eval=config["eval"],
     log:
-        "logs/evaluate_less/less-{less_seed}.log",
+        "logs/evaluate_less/{less_seed}.log",
     benchmark:
-        "benchmarks/evaluate_less/less-{less_seed}.tsv"
+        "benchmarks/evaluate_less/{less_seed}.tsv"
     threads: rule_threads("evaluate_less")
     resources:
         **rule_resources("evaluate_less"),
