@@ -82,6 +82,13 @@ def rule_resources(rule_name):
     return requests
 
 
+# Local scheduling: a ready training job (both cores on the CPU default) goes before a ready evaluation
+# (one core), so the evaluations run side by side after the trainings instead of leaving a core idle
+# next to each one while the next training waits for both cores. No effect on what runs or on SLURM,
+# where every ready job is submitted at once.
+TRAIN_PRIORITY = 1
+
+
 def rule_threads(rule_name):
     """Local cores of a rule (also --cpus-per-task for CPU rules on SLURM)."""
     return int(config["resources"].get(rule_name, {}).get("threads", 1))

@@ -136,6 +136,7 @@ rule train_dpo:
     benchmark:
         "benchmarks/train_dpo/{dpo_method}-{dpo_seed}.tsv"
     threads: rule_threads("train_dpo")
+    priority: TRAIN_PRIORITY
     resources:
         **rule_resources("train_dpo"),
     conda:
