@@ -21,7 +21,7 @@ import platform
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -343,7 +343,7 @@ def write_json(path: str | Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Exit with a one-line error a person can act on (Snakemake then names the rule and its log)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
