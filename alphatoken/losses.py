@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from alphatoken.data import IGNORE_INDEX
 
 
 def loss_positions(labels: torch.Tensor) -> torch.Tensor:

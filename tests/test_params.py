@@ -29,7 +29,7 @@ from alphatoken.policies import POLICIES, PolicyConfig
 from alphatoken.stages import build_corpus, prepare_data
 from alphatoken.stages import fisher as fisher_stage
 from alphatoken.stages import train as train_stage
-from alphatoken.stages.common import SCHEMA_PATH, ParamsError, Section, _merge, params_schema, read_section, to_config
+from alphatoken.stages.common import SCHEMA_PATH, ParamsError, Section, merge_params, params_schema, read_section, to_config
 from alphatoken.train.config import TrainConfig
 from alphatoken.valuation import ValuationConfig
 
@@ -166,7 +166,7 @@ def test_a_key_given_twice_in_a_parameter_file_is_refused(tmp_path):
 def _merged(*files: Path) -> dict:
     merged: dict = {}
     for f in files:
-        merged = _merge(merged, yaml.safe_load(f.read_text()) or {})
+        merged = merge_params(merged, yaml.safe_load(f.read_text()) or {})
     return merged
 
 

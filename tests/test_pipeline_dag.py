@@ -19,13 +19,12 @@ import yaml
 
 from alphatoken.models import build_tiny_model, load_model, ModelSpec, weights_fingerprint
 from alphatoken.stages import prepare_model
-from alphatoken.stages.common import ParamsError, read_section, to_config
+from alphatoken.stages.common import ParamsError, merge_params, read_section, to_config
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 sys.path.insert(0, str(REPO / "workflow" / "scripts"))
 import stagedeps  # noqa: E402
-import sync_dvc  # noqa: E402
 
 PIPELINE_FILES = ("Snakefile", "params.yaml", "dvc.yaml", "workflow", "profiles", "configs", "alphatoken")
 
@@ -450,7 +449,7 @@ PAPER_CONFIGS = sorted((REPO / "configs").glob("paper-*.yaml"))
 def _merged(*files: Path) -> dict:
     merged: dict = {}
     for f in files:
-        merged = sync_dvc._merge(merged, yaml.safe_load(f.read_text()))
+        merged = merge_params(merged, yaml.safe_load(f.read_text()))
     return merged
 
 
