@@ -39,8 +39,9 @@ counts) and M = sum_n (L_n - 1) the number of such tokens. `S_W (x) A_W` approxi
 matrix of vec(W): dropping the cross-token terms of `g_n g_n^T` leaves
 `(1/N) sum_{n,t} (e e^T) (x) (x x^T) = (M/N) E_t[(e e^T) (x) (x x^T)]` (E_t the mean over those M
 tokens), and K-FAC replaces the mean of the Kronecker products by the Kronecker product of the means,
-`(M/N) E_t[e e^T] (x) E_t[x x^T] = S_W (x) A_W` (the "expand" treatment of a sequence as M uses of a
-shared weight; a linear called twice per forward counts each call's tokens). Its scale is that of
+`(M/N) E_t[e e^T] (x) E_t[x x^T] = S_W (x) A_W` (Martens & Grosse 2015, with the tokens of a sequence
+as uses of a shared weight: the "expand" setting of Eschenhagen et al. 2023, arXiv:2311.00636; a
+linear called twice per forward counts each call's tokens). Its scale is that of
 F_W, so lambda means the same for both kinds. For one sample of one counted position (N = M = 1) the
 two agree exactly: `diag(S (x) A)[o, i] = e_o^2 x_i^2 = F_W[o, i]`; in general the diagonal of
 `S (x) A` is *not* F_W (no cross-token terms, and the factorisation). The retention proxy becomes

@@ -31,7 +31,7 @@ from alphatoken.valuation import TokenValuer, ValuationConfig
 from bruteforce import bruteforce_scores, validation_gradient
 from conftest import BATCHING_TOL
 from test_fisher import assert_close, eos_prone, make_prompts, per_sample_gradients
-from test_valuation import COMPONENTS, LAM, LAST_K, WINDOW, Setup, assert_scores_close, rel_err
+from test_valuation import COMPONENTS, LAM, LAST_K, WINDOW, Setup, assert_scores_close, make_batch, rel_err
 
 ARCHS = ("llama", "qwen2", "gemma3")
 A_SUFFIX, S_SUFFIX = KRONECKER_SUFFIXES
@@ -387,8 +387,6 @@ def test_computed_factors_through_the_file_match_bruteforce(saved, tmp_path):
     model, _, _, path, _ = saved
     factors = load_fisher(path, model)
     g = torch.Generator().manual_seed(1)
-    from test_valuation import make_batch
-
     batch = make_batch(g, 2, 12, prompt=4, left_pad=[2, 0], right_pad=[0, 1])
     val_batch = make_batch(g, 2, 10, prompt=3, left_pad=[0, 1], right_pad=[1, 0])
     reference = {n: l.weight.detach() - 0.05 * torch.randn(l.weight.shape, generator=g, dtype=torch.float64)
