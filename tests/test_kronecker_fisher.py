@@ -9,12 +9,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from alphatoken.blocks import scored_linears
 from alphatoken.fisher import (
     KRONECKER_SUFFIXES,
     FisherConfig,
+    FisherPrompts,
     FisherMismatchError,
     compute_fisher,
     fisher_entries,
@@ -27,10 +28,11 @@ from alphatoken.fisher import (
     save_fisher,
 )
 from alphatoken.models import build_tiny_model, byte_tokenizer, save_pretrained
+from alphatoken.train import train_sft
 from alphatoken.valuation import TokenValuer, ValuationConfig
 from bruteforce import bruteforce_scores, validation_gradient
 from conftest import BATCHING_TOL
-from test_fisher import assert_close, eos_prone, make_prompts, per_sample_gradients
+from test_fisher import assert_close, eos_prone, make_prompts, per_sample_gradients, rewrite
 from test_valuation import COMPONENTS, LAM, LAST_K, WINDOW, Setup, assert_scores_close, make_batch, rel_err
 
 ARCHS = ("llama", "qwen2", "gemma3")
@@ -257,13 +259,6 @@ def test_a_file_of_one_kind_is_refused_under_the_other(saved):
     assert read_fisher_metadata(diagonal_path)["kind"] == '"diagonal"'
 
 
-def rewrite(path, target, edit):
-    tensors, meta = load_file(str(path)), read_fisher_metadata(path)
-    edit(tensors, meta)
-    save_file(tensors, str(target), metadata=meta)
-    return target
-
-
 def test_a_file_without_kind_is_diagonal(saved, tmp_path):
     """Files written before `kind` existed hold a diagonal Fisher: they load as one, and not as Kronecker."""
     model, cfg, _, _, diagonal_path = saved
@@ -425,7 +420,7 @@ def test_valuer_refuses_incomplete_or_mixed_factors():
 
 
 def test_kronecker_factors_of_lora_factors(tokenizer, tmp_path):
-    from test_lora_valuation import LAST_K as LORA_K, chat, lora_config, wrap
+    from test_lora_valuation import LAST_K as LORA_K, chat, fisher_prompts, lora_config, wrap
 
     model = wrap(build_tiny_model("llama", dtype=torch.float64, attn_implementation="sdpa"))
     prompts, responses = make_prompts(lengths=(3, 6, 4)), make_prompts(lengths=(4, 2, 5), seed=9)
@@ -441,13 +436,8 @@ def test_kronecker_factors_of_lora_factors(tokenizer, tmp_path):
         else:
             assert value.abs().max() > 0, name
     # the alphatoken_lora policy computes and caches a Kronecker Fisher of its factors at step 0
-    from alphatoken.fisher import FisherPrompts
-    from test_lora_valuation import fisher_prompts
-
     hold_out = fisher_prompts(tokenizer)
     hold_out = FisherPrompts(hold_out.prompts, dataclasses.replace(hold_out.config, kind="kronecker"))
-    from alphatoken.train import train_sft
-
     result = train_sft(build_tiny_model("llama"), tokenizer, chat(8), chat(2, offset=20), lora_config(tmp_path, max_steps=2),
                        fisher_prompts=hold_out)
     assert result.steps == 2
@@ -457,17 +447,10 @@ def test_kronecker_factors_of_lora_factors(tokenizer, tmp_path):
     assert all((v == 0).all() for n, v in cached.items() if ".lora_A." in n and n.endswith(S_SUFFIX))
 
 
-def _write_split(path, rows):
-    path.write_text("".join(json.dumps({"id": f"x{i}", "source": "test", "messages": [
-        {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}) + "\n"
-        for i, r in enumerate(rows)))
-    return str(path)
-
-
 def test_train_stage_trains_with_a_kronecker_fisher_file(tmp_path, tokenizer, capsys):
     from alphatoken.models import ModelSpec, load_model
     from alphatoken.stages.train import main
-    from test_lora_valuation import chat
+    from test_lora_valuation import _write_split, chat
 
     model_dir = save_pretrained(build_tiny_model("llama", dtype=torch.float32), tokenizer, tmp_path / "model")
     model, _ = load_model(ModelSpec(source="hub", name_or_path=str(model_dir), dtype="float32"), "cpu")
