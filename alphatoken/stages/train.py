@@ -20,7 +20,7 @@ import sys
 from alphatoken.blocks import decoder_blocks, scored_linears
 from alphatoken.checkpoint import RunMismatchError
 from alphatoken.data import DataError, read_split
-from alphatoken.fisher import FisherConfig, FisherMismatchError, FisherPrompts, load_fisher
+from alphatoken.fisher import FisherConfig, FisherMismatchError, FisherPrompts, fisher_parameter_names, load_fisher
 from alphatoken.models import ModelSpec, load_model
 from alphatoken.policies import POLICIES, PolicyConfig, get_policy
 from alphatoken.stages.common import (
@@ -189,7 +189,11 @@ def main(argv: list[str] | None = None) -> None:
         except (FisherMismatchError, FileNotFoundError) as err:
             fail(f"{err} (the Fisher must be computed on --model in the same dtype: set fisher.dtype = "
                  f"{args.section}.dtype, then rerun the fisher rule)")
-        missing = [name for name in scored_linears(model, valuation.last_k) if name not in fisher]
+        try:
+            covered = set(fisher_parameter_names(fisher))  # a diagonal Fisher or the factors of a Kronecker one
+        except ValueError as err:
+            fail(f"{args.fisher}: {err}")
+        missing = [name for name in scored_linears(model, valuation.last_k) if name not in covered]
         if missing:
             fail(f"{args.valuation_section}.last_k={valuation.last_k} scores weights the Fisher lacks ({missing[0]}, ...): "
                  "raise fisher.last_k to at least valuation.last_k and rerun the fisher rule")

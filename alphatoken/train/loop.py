@@ -484,8 +484,9 @@ def train_sft(model, tokenizer, train_examples, val_batch, config: TrainConfig, 
               reference_logps=None, fisher_prompts=None, realisation_data=None) -> TrainResult:
     """Token-masked SFT (Alpha-SFT, Eq. 13) with the configured policy; `full` is standard SFT
     (the warm-start). `val_batch`: a batch dict or a list of examples (only used by policies that need
-    token values). `fisher` / `reference`: diagonal Fisher and reference weights for the retention
-    proxy (param name -> tensor); with a Fisher and no reference, the weights at step 0 are the reference.
+    token values). `fisher` / `reference`: Fisher (diagonal, or Kronecker factors; `alphatoken.fisher`)
+    and reference weights for the retention proxy (tensor name -> tensor); with a Fisher and no
+    reference, the weights at step 0 are the reference.
     `reference_model`: the model whose per-token losses reference-based policies (STM, Token Cleaning,
     Rho-1) compare against; default the model itself before training. `reference_logps`: a file of
     those losses (`alphatoken.train.reference`), loaded instead of computing them.
