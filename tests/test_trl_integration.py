@@ -231,3 +231,41 @@ def test_core_package_does_not_import_trl():
     code = ("import sys, alphatoken, alphatoken.train, alphatoken.valuation, alphatoken.policies, alphatoken.losses, "
             "alphatoken.integrations; assert 'trl' not in sys.modules, 'trl imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+DDP_WORKER = r'''
+import sys
+import torch
+sys.path.insert(0, sys.argv[2])  # the tests directory: the helpers above
+from test_trl_integration import run_sft_trl
+from alphatoken.models import byte_tokenizer
+from pathlib import Path
+
+trainer = run_sft_trl(Path(sys.argv[1]), byte_tokenizer(), sys.argv[3], micro=2, accum=1)
+if trainer.accelerator.is_main_process:
+    assert trainer.accelerator.num_processes == 2, trainer.accelerator.num_processes
+    torch.save(trainer.model.state_dict(), Path(sys.argv[1]) / "weights.pt")
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["alphatoken", "random"])
+def test_two_process_data_parallel_equals_one_process_accumulating(tmp_path, tokenizer, name):
+    """torchrun, 2 CPU processes (gloo) x 1 micro-batch of 2 inside TRL = the library's 1 process x 2 accumulated
+    micro-batches of 2: process r takes micro-batch r of the step, K is summed over processes."""
+    import os
+    from pathlib import Path
+
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path),
+           str(root / "tests"), name]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    weights = torch.load(tmp_path / "weights.pt", weights_only=True)
+    library = run_sft_library(tmp_path, tokenizer, name, micro=2, accum=2)
+    trained = build_tiny_model("llama")
+    trained.load_state_dict(weights)
+    assert max_param_diff(trained, library) < BATCHING_TOL
