@@ -13,12 +13,14 @@ import torch
 
 from alphatoken.blocks import scored_linears
 from alphatoken.data import ConfigError
+from alphatoken.losses import loss_positions, token_nll
 from alphatoken.integrations.trl import (
     AlphaTokenDPOConfig, AlphaTokenDPOTrainer, AlphaTokenSFTConfig, AlphaTokenSFTTrainer, preference_dataset, sft_dataset,
 )
 from alphatoken.models import build_tiny_model
 from alphatoken.policies import PolicyConfig
 from alphatoken.train import TrainConfig, train_dpo, train_sft
+from alphatoken.train.data import as_batch
 from alphatoken.valuation import ValuationConfig
 
 from conftest import BATCHING_TOL
@@ -269,3 +271,34 @@ def test_two_process_data_parallel_equals_one_process_accumulating(tmp_path, tok
     trained = build_tiny_model("llama")
     trained.load_state_dict(weights)
     assert max_param_diff(trained, library) < BATCHING_TOL
+
+
+def test_dpo_with_precomputed_reference_log_probs(tmp_path, tokenizer):
+    """No ref_model: TRL precomputes the reference log-probs with the starting model; the step is the library's."""
+    model = build_tiny_model("llama")
+    train, _ = preference_dataset(tokenizer, pairs(), MAX_LENGTH)
+    args = AlphaTokenDPOConfig(**trl_fields(tmp_path, "alphatoken", 2, 2, beta=0.1, precompute_ref_log_probs=True))
+    trainer = AlphaTokenDPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                                   val_dataset=val_pairs(), fisher=fisher_of(model))
+    assert trainer.ref_model is None
+    trainer.train()
+    fresh = build_tiny_model("llama")
+    library = train_dpo(fresh, tokenizer, pairs(), val_pairs(), library_config(tmp_path, "alphatoken", 2, 2, dpo_beta=0.1),
+                        fisher=fisher_of(fresh)).model
+    assert max_param_diff(trainer.model, library) < BATCHING_TOL
+
+
+def test_evaluation_reports_the_unmasked_loss(tmp_path, tokenizer):
+    """trainer.evaluate() is TRL's: the mean token loss over all response tokens, no valuation."""
+    model = build_tiny_model("llama")
+    train, _ = sft_dataset(tokenizer, sft_examples(), MAX_LENGTH)
+    evaluation, _ = sft_dataset(tokenizer, val_examples(), MAX_LENGTH)
+    args = AlphaTokenSFTConfig(**trl_fields(tmp_path, "alphatoken", 2, 2, per_device_eval_batch_size=2))
+    trainer = AlphaTokenSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                                   processing_class=tokenizer, val_dataset=val_examples())
+    metrics = trainer.evaluate()
+    batch = as_batch(tokenizer, val_examples(), MAX_LENGTH)
+    with torch.no_grad():
+        logits = build_tiny_model("llama")(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = float(token_nll(logits, batch["labels"]).sum() / loss_positions(batch["labels"]).sum())
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-6)
