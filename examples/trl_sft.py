@@ -15,8 +15,7 @@ names and the AlphaToken fields of the config; everything else is TRL's.
 Measured (`OMP_NUM_THREADS=1 python examples/trl_sft.py --max-steps 3 --train-examples 24`, 4 sequences of at
 most 256 tokens per step, 8 validation examples refreshed every step): 241 s per step on 2 CPU cores shared
 with other runs (load average about 7); run side by side with `alphatoken.train.train_sft` at the same
-settings, 525 s per step against the library loop's 543 s, and the same step-2 loss (2.6977). On a quiet
-machine with both cores the steps are several times faster.
+settings, 525 s per step against the library loop's 543 s, and the same step-2 loss (2.6977).
 """
 
 from __future__ import annotations

@@ -40,9 +40,10 @@ response); TRL's own text formats work too (TRL then tokenizes and builds the la
 
 What works and what does not (see also the README section "Training with TRL"): gradient accumulation
 (same step as the library's), gradient checkpointing, PEFT/LoRA (`peft_config`: the valuation then scores
-the adapter factors; `lora_dropout` must be 0), accelerate data parallelism (the normaliser is summed over
-processes and the loss scaled as TRL does; G is computed on each process from the whole validation
-batch). Refused with a clear error: packing and padding-free batches (rows holding several documents, which
+the adapter factors; `lora_dropout` must be 0), accelerate / torchrun data parallelism (the normaliser is
+summed over processes and the loss scaled as TRL does; G is computed on each process from the whole
+validation batch; tested with two CPU processes). DeepSpeed ZeRO-1/2 keep whole weights on every process
+and pass the same checks, but are not tested here. Refused with a clear error: packing and padding-free batches (rows holding several documents, which
 the valuation's attention and value paths would mix), FSDP and DeepSpeed ZeRO-3 (the valuation reads the
 full scored weights), and TRL's DPO loss variants other than the sigmoid loss. Evaluation
 (`trainer.evaluate`) reports TRL's unmasked loss.
