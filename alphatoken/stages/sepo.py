@@ -1,12 +1,13 @@
-"""Stage sepo: SePO's inputs on the DPO route. `subset` writes the oracle's training pairs, a seeded
-random subset of the DPO training pairs (`sepo.oracle_fraction`, `sepo.oracle_seed`; the oracle is then
-DPO-trained on them by the train stage, policy `full`); `scores` writes the per-token rewards
-r = log pi_oracle - log pi_ref of every DPO training pair (`alphatoken.train.token_rewards`), encoded
-as the DPO runs encode them (the `--dpo-section`'s max_length, micro_batch_size, dtype, attention).
+"""Stage sepo: SePO's inputs on the DPO route. `subset` (section `sepo`) writes the oracle's training
+pairs, a seeded random subset of the DPO training pairs (`sepo.oracle_fraction`, `sepo.oracle_seed`;
+the oracle is then DPO-trained on them by the train stage, policy `full`); `scores` (section `dpo`)
+writes the per-token rewards r = log pi_oracle - log pi_ref of every DPO training pair
+(`alphatoken.train.token_rewards`), encoded and batched as the DPO runs do (the section's max_length,
+micro_batch_size, dtype, attn_implementation: the keys of the ref_logps stage).
 
     python -m alphatoken.stages.sepo subset --params params.yaml --section sepo \
         --train-data results/dpo/data/train.jsonl --out results/dpo/sepo/oracle_train.jsonl
-    python -m alphatoken.stages.sepo scores --params params.yaml --section sepo --dpo-section dpo \
+    python -m alphatoken.stages.sepo scores --params params.yaml --section dpo \
         --oracle results/dpo/sepo/oracle/final --model results/dpo/warmstart/final \
         --train-data results/dpo/data/train.jsonl --out results/dpo/sepo/token_rewards.safetensors
 """
@@ -62,13 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=("subset", "scores"))
     parser.add_argument("--train-data", required=True, help="the DPO training pairs")
     parser.add_argument("--out", required=True, help="subset: JSONL to write; scores: safetensors to write")
-    parser.add_argument("--dpo-section", default="dpo", help="scores: the section of the DPO runs (encoding, batching)")
     parser.add_argument("--oracle", help="scores: the oracle checkpoint (DPO-trained on the subset)")
     parser.add_argument("--model", help="scores: the reference checkpoint (the warm-start)")
     args = parser.parse_args(argv)
     try:
-        own = read_settings(args.params, args.section)
-        dpo = read_dpo_settings(args.params, args.dpo_section) if args.command == "scores" else None
+        own = read_settings(args.params, args.section) if args.command == "subset" else None
+        dpo = read_dpo_settings(args.params, args.section) if args.command == "scores" else None
     except ParamsError as err:
         fail(str(err))
     if args.command == "subset":
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, FileNotFoundError) as err:
         fail(f"{err} (rerun prepare_preference)")
     if not features:
-        fail(f"{args.train_data}: no usable pair within {args.dpo_section}.max_length={dpo['max_length']} ({stats.as_dict()})")
+        fail(f"{args.train_data}: no usable pair within {args.section}.max_length={dpo['max_length']} ({stats.as_dict()})")
     rewards = token_rewards(oracle, reference, features, pad_token_id(tokenizer), device, dpo["micro_batch_size"])
     save_token_rewards(args.out, rewards, features, oracle, reference, dpo["max_length"], dpo["micro_batch_size"])
     print(f"[sepo] token rewards of {len(features)} pairs (skipped: {stats.as_dict()['skipped']}) -> {args.out}")

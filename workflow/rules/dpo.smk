@@ -238,8 +238,7 @@ rule sepo_oracle:
         run=directory("results/dpo/sepo/oracle"),
     params:
         dpo=run_params("dpo"),
-        valuation=config["valuation"],
-        sepo={k: v for k, v in (config.get("sepo") or {}).items() if k == "oracle_seed"},
+        valuation=config["valuation"],  # (sepo.oracle_seed, its --seed, reruns it through its subset)
     log:
         "logs/sepo_oracle.log",
     benchmark:
@@ -281,8 +280,8 @@ rule sepo_scores:
     shell:
         stage(
             "sepo",
-            "sepo",
-            "scores --dpo-section dpo --oracle {input.oracle}/final --model {input.run}/final "
+            "dpo",
+            "scores --oracle {input.oracle}/final --model {input.run}/final "
             "--train-data {input.train} --out {output.rewards}",
         )
 
