@@ -9,6 +9,7 @@ loss and a whole SePO run, the oracle subset, and where the pipeline and the sta
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 import subprocess
@@ -82,7 +83,7 @@ def importance_twin(model, ids):
     table = model.get_input_embeddings()(torch.tensor(ids)).detach()  # (T, d)
     leaves = [table[t].clone().requires_grad_(True) for t in range(len(ids))]
     logits = model(inputs_embeds=torch.stack(leaves)[None]).logits[0]  # (T, V)
-    target = max(logits[-1], key=float)  # the largest logit at the last position
+    target = max(logits[-1], key=lambda v: float(v.detach()))  # the largest logit at the last position
     values = []
     for leaf in leaves:
         (g,) = torch.autograd.grad(target, leaf, retain_graph=True)
@@ -92,11 +93,11 @@ def importance_twin(model, ids):
 
 
 def test_importance_is_the_gradient_of_the_last_max_logit_per_embedding(tokenizer):
-    model = build_tiny_model("llama")
+    model = build_tiny_model("llama").train()
     features, _ = encode_dataset(tokenizer, pairs(2), 64, preference=True)
     batch = collate_pairs(features, pad_token_id(tokenizer))  # (4, T) right-padded, rows of different lengths
     importance = embedding_importance(model, batch["input_ids"], batch["attention_mask"])  # (4, T)
-    assert all(p.grad is None for p in model.parameters()) and model.training
+    assert all(p.grad is None for p in model.parameters()) and model.training  # no gradient left, mode restored
     rows = [f["chosen"] for f in features] + [f["rejected"] for f in features]
     assert len({len(r["input_ids"]) for r in rows}) > 1
     for b, row in enumerate(rows):
@@ -175,11 +176,14 @@ def test_tdpo_loss_and_triplet_term_by_hand():
     kr = torch.rand(2, 5, generator=g, dtype=torch.float64)
     losses = tdpo_pair_losses(rc, rr, wc, wr, kc, kr, 0.1, 0.5)
     for b in range(2):
-        z = sum(float(wc[b, p] * rc[b, p]) - float(wr[b, p] * rr[b, p]) for p in range(5))
+        z = sum(float(wc[b, p] * rc[b, p].detach()) - float(wr[b, p] * rr[b, p]) for p in range(5))
         z -= 0.5 * (float(kr[b].sum()) - float(kc[b].sum()))
         assert abs(float(losses[b]) - math.log1p(math.exp(-0.1 * z))) < 1e-12
     losses.sum().backward()
-    assert float(kc.grad.abs().max()) == 0.0 and float(rc.grad.abs().max()) > 0  # sg(KL of the chosen)
+    assert kc.grad is None and float(rc.grad.abs().max()) > 0  # sg(KL of the chosen): no gradient reaches it
+    kr.requires_grad_(True)
+    tdpo_pair_losses(rc, rr, wc, wr, kc, kr, 0.1, 0.5).sum().backward()
+    assert float(kr.grad.abs().min()) > 0  # the rejected KL does carry the gradient
 
     a = torch.tensor([[0.5, -1.0, 2.0, 0.0], [1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
     av = torch.tensor([[True, True, True, False], [True, False, False, False]])
@@ -249,15 +253,16 @@ def test_anchor_sampler_equals_a_cache_free_sampler_and_repeats_with_its_seed(to
 TIDPO = PolicyConfig(name="tidpo", tidpo_anchor_max_new_tokens=4)
 
 
-def tidpo_twin(tokenizer, n_pairs, steps, pcfg: PolicyConfig, seed=0):
-    """A hand-written TI-DPO loop: each sequence alone (no padding), the loss of every pair written out."""
+def tidpo_twin(tokenizer, n_pairs, steps, pcfg: PolicyConfig, lr, seed=0):
+    """A hand-written TI-DPO loop: each sequence alone (no padding), the loss of every pair written out;
+    no warm-up, then cosine to 0."""
     model = build_tiny_model("llama")
     reference = copy.deepcopy(model).eval()
     features, _ = encode_dataset(tokenizer, pairs(n_pairs), 64, preference=True)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, eps=1e-5)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: s / 1 if s < 1 else 0.5 * (1 + math.cos(math.pi * (s - 1) / (steps - 1))))
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, eps=1e-5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     order = _epoch_order(len(features), seed, 0)
     stop = stop_token_ids(model, tokenizer)
     for step in range(steps):
@@ -304,16 +309,21 @@ def tidpo_twin(tokenizer, n_pairs, steps, pcfg: PolicyConfig, seed=0):
 
 
 def test_tidpo_run_equals_a_hand_written_loop(tmp_path, tokenizer):
-    result = train_dpo(build_tiny_model("llama"), tokenizer, pairs(8), None, config(tmp_path, TIDPO))
-    assert result.metrics["nonfinite_steps"] == 0 and result.metrics["steps"] == 2
+    """Three steps without warm-up: at step 0 the policy is the reference, where the KL and the triplet
+    term have zero gradient; the later steps test them. A large triplet margin keeps the hinge open
+    (with the default 1e-3 it closes as soon as the anchor sits nearer the rejected response)."""
+    pcfg = dataclasses.replace(TIDPO, tidpo_triplet_margin=5.0)
+    kw = dict(lr=1e-2, warmup_steps=0, max_steps=3)
+    result = train_dpo(build_tiny_model("llama"), tokenizer, pairs(12), None, config(tmp_path, pcfg, **kw))
+    assert result.metrics["nonfinite_steps"] == 0 and result.metrics["steps"] == 3
     assert abs(result.metrics["mean_kept_fraction"] - 1.0) < 1e-9  # mean-1 weights
-    twin = tidpo_twin(tokenizer, 8, 2, TIDPO)
+    twin = tidpo_twin(tokenizer, 12, 3, pcfg, lr=1e-2)
     assert weights_fingerprint(result.model) != weights_fingerprint(build_tiny_model("llama"))
     assert max_param_diff(result.model, twin) < TOL
     # without the triplet term (gamma 0) the run differs: the anchors do take part
-    plain = train_dpo(build_tiny_model("llama"), tokenizer, pairs(8), None,
-                      config(tmp_path / "g0", PolicyConfig(name="tidpo", tidpo_gamma=0.0)))
-    assert max_param_diff(plain.model, result.model) > 1e-9
+    plain = train_dpo(build_tiny_model("llama"), tokenizer, pairs(12), None,
+                      config(tmp_path / "g0", dataclasses.replace(pcfg, tidpo_gamma=0.0), **kw))
+    assert max_param_diff(plain.model, result.model) > 1e-6
 
 
 class Killed(BaseException):
@@ -527,22 +537,24 @@ def test_the_dpo_experiment_schedules_sepo_and_dvc_declares_its_stages(tmp_path)
     for rule in ("sepo_subset", "sepo_oracle", "sepo_scores", "train_sepo", "evaluate_sepo"):
         assert re.search(rf"^{rule}\s+\d+$", output, re.M), rule
     assert re.search(r"^train_sepo\s+2$", output, re.M) and re.search(r"^train_dpo\s+12$", output, re.M)
-    default = snakemake(REPO, "-n", "--configfile", "configs/smoke.yaml")  # SePO off: not scheduled
-    assert default.returncode == 0 and "sepo" not in default.stdout
 
     repo = copy_pipeline(tmp_path / "repo")
-    made = subprocess.run([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--use", "configs/experiments/dpo.yaml",
-                           "--root", str(repo)], capture_output=True, text=True, timeout=180, cwd=repo)
+    # both routes: with `routes: [dpo]` alone the diagnostics rules (DVC stages too) would schedule one
+    # SFT run only, which is not the train matrix
+    overlay = repo / "configs" / "dpo_both_routes.yaml"
+    overlay.write_text((REPO / "configs/experiments/dpo.yaml").read_text().replace("routes: [dpo]", "routes: [sft, dpo]"))
+    made = subprocess.run([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--use", str(overlay),
+                           "--root", str(repo)], capture_output=True, text=True, timeout=600, cwd=repo)
     assert made.returncode == 0, made.stdout + made.stderr
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     assert stages["train_sepo"]["matrix"] == {"sepo_seed": "${sepo.seeds}"}
     assert "--method sepo --seed ${item.sepo_seed}" in stages["train_sepo"]["cmd"]
     assert "--token-rewards results/dpo/sepo/token_rewards.safetensors" in stages["train_sepo"]["cmd"]
-    assert stages["train_sepo"]["outs"] == [{"results/dpo/sepo/train/sepo-${item.sepo_seed}": {"persist": True}}]
+    assert stages["train_sepo"]["outs"] == [{"results/dpo/sepo/train/${item.sepo_seed}": {"persist": True}}]
     assert {"sepo.oracle_fraction", "sepo.oracle_seed"} == set(stages["sepo_subset"]["params"])
     assert "--train-data results/dpo/sepo/oracle_train.jsonl" in stages["sepo_oracle"]["cmd"]
     report = stages["report_dpo"]
-    assert "--extra-run sepo 1 results/dpo/eval/sepo/sepo-1 results/dpo/sepo/train/sepo-1" in report["cmd"]
+    assert "--extra-run sepo 1 results/dpo/eval/sepo/1 results/dpo/sepo/train/1" in report["cmd"]
     assert {"results/dpo/eval/sepo", "results/dpo/sepo/train"} <= set(report["deps"])
     assert "tidpo" in yaml.safe_load((repo / "params.yaml").read_text())["dpo"]["methods"]
 

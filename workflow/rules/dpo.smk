@@ -295,7 +295,7 @@ rule train_sepo:
         rewards=rules.sepo_scores.output.rewards,
         ref_logps=rules.ref_logps.output.ref_logps,
     output:
-        run=directory("results/dpo/sepo/train/sepo-{sepo_seed}"),
+        run=directory("results/dpo/sepo/train/{sepo_seed}"),
     params:
         dpo=run_params("dpo"),
         valuation=config["valuation"],
@@ -325,7 +325,7 @@ rule evaluate_sepo:
         reference=rules.warmstart_sft.output.run,
         prompts=rules.prepare_data.output.val,
     output:
-        eval=directory("results/dpo/eval/sepo/sepo-{sepo_seed}"),
+        eval=directory("results/dpo/eval/sepo/{sepo_seed}"),
     params:
         eval=config["eval"],
     log:
@@ -382,5 +382,5 @@ rule report_dpo:
             "report",
             "--runs-section dpo --base {input.base} --evals results/dpo/eval/runs --train results/dpo/train "
             f"--out {report_dir('dpo')} --base-name warmstart"
-            + "".join(f" --extra-run sepo {s} results/dpo/eval/sepo/sepo-{s} results/dpo/sepo/train/sepo-{s}" for s in sepo_seeds()),
+            + "".join(f" --extra-run sepo {s} results/dpo/eval/sepo/{s} results/dpo/sepo/train/{s}" for s in sepo_seeds()),
         )
