@@ -202,7 +202,8 @@ class Policy:
             raise ValueError(f"policy {self.name!r} needs the reference model's per-token losses")
         if (self.precompute is not None or self.needs_token_rewards) and (ctx.precomputed is None or ctx.precomputed.shape != ctx.valid.shape):
             got = None if ctx.precomputed is None else tuple(ctx.precomputed.shape)
-            raise ValueError(f"policy {self.name!r} needs its per-example values (Policy.precompute, or the run's token rewards) as ctx.precomputed of "
+            what = "its step-0 values (Policy.precompute)" if self.precompute is not None else "the run's token rewards"
+            raise ValueError(f"policy {self.name!r} needs {what} as ctx.precomputed of "
                              f"shape {tuple(ctx.valid.shape)}, got {got}")
         if self.needs_importance and (ctx.importance is None or ctx.importance.shape != ctx.valid.shape):
             got = None if ctx.importance is None else tuple(ctx.importance.shape)
