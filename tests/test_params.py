@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
 OVERLAYS = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "experiments").glob("*.yaml"))
 SECTIONS = ("model", "corpus", "data", "fisher", "valuation", "train", "eval", "report", "preference_data",
-            "warmstart", "dpo", "diagnostics")  # the sections a stage reads (routes and resources are read by the rules)
+            "warmstart", "dpo", "sepo", "diagnostics")  # the sections a stage reads (routes and resources are read by the rules)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,6 +51,9 @@ FLOAT_FIELDS = [  # (dataclass, field, other settings the check needs to be reac
     (PolicyConfig, "stm_ppl_threshold", {}), (PolicyConfig, "lora_alpha", {}), (PolicyConfig, "lora_dropout", {}),
     (PolicyConfig, "xtf_iqr_factor", {}), (PolicyConfig, "xtf_novelty_threshold", {}), (PolicyConfig, "sstoken_gamma", {}),
     (PolicyConfig, "talr_tau", {}), (PolicyConfig, "talr_weight_floor", {}), (PolicyConfig, "flow_temperature", {}),
+    (PolicyConfig, "tidpo_lambda", {}), (PolicyConfig, "tidpo_prior_sigma_div", {}), (PolicyConfig, "tidpo_alpha", {}),
+    (PolicyConfig, "tidpo_gamma", {}), (PolicyConfig, "tidpo_triplet_margin", {}), (PolicyConfig, "tidpo_anchor_temperature", {}),
+    (PolicyConfig, "tidpo_anchor_top_p", {}), (PolicyConfig, "sepo_ratio", {}),
     (FisherConfig, "temperature", {}), (FisherConfig, "top_p", {}),
 ]
 

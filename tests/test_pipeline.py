@@ -203,7 +203,7 @@ def experiments_repo(smoke_repo, tmp_path_factory) -> Path:
     repo, _ = smoke_repo
     copy = tmp_path_factory.mktemp("experiments") / "repo"
     shutil.copytree(repo, copy, symlinks=True)
-    (copy / "configs" / "one_seed.yaml").write_text("train: {seeds: [0]}\ndpo: {seeds: [0]}\n")
+    (copy / "configs" / "one_seed.yaml").write_text("train: {seeds: [0]}\ndpo: {seeds: [0]}\nsepo: {seeds: [0]}\n")
     return copy
 
 
@@ -228,7 +228,8 @@ def test_experiment_config_runs_end_to_end_on_the_smoke_model(experiments_repo, 
     out = repo / "results" / "experiments" / name / ("" if sft else "dpo")
     section = "train" if sft else "dpo"
     methods = config[section]["methods"]
-    assert table_rows(out / "table.md") == [("base" if sft else "warmstart"), *methods]
+    own_rules = ["sepo"] if not sft and (config.get("sepo") or {}).get("seeds") else []  # rows of --extra-run
+    assert table_rows(out / "table.md") == [("base" if sft else "warmstart"), *methods, *own_rules]
     comparisons = (out / "comparisons.md").read_text()
     for baseline in config["report"]["baselines"]:
         assert f"### Against {baseline}" in comparisons

@@ -53,10 +53,13 @@ def dvc_stages() -> dict:
 
 @pytest.fixture(scope="module")
 def both_routes_stages(tmp_path_factory) -> dict:
-    """The DVC stages of both routes (the smoke overlay, `routes: [sft, dpo]`) as `sync_dvc.py --use`
-    generates them in a scratch copy: dvc.yaml itself is generated for the default route only."""
+    """The DVC stages of both routes (the smoke overlay, `routes: [sft, dpo]`, with SePO's own rules on:
+    `sepo.seeds`) as `sync_dvc.py --use` generates them in a scratch copy: dvc.yaml itself is generated
+    for the default route only."""
     repo = copy_pipeline(tmp_path_factory.mktemp("routes") / "repo")
-    result = subprocess.run([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--use", "configs/smoke.yaml",
+    overlay = repo / "configs" / "smoke_all_rules.yaml"
+    overlay.write_text((repo / "configs" / "smoke.yaml").read_text() + "sepo: {seeds: [0]}\n")
+    result = subprocess.run([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--use", str(overlay),
                              "--root", str(repo)], capture_output=True, text=True, timeout=120, cwd=repo)
     assert result.returncode == 0, result.stdout + result.stderr
     return yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]

@@ -31,6 +31,7 @@ from alphatoken.stages.fisher import OWN_KEYS as FISHER_OWN_KEYS
 from alphatoken.stages.fisher import encode_fisher_prompts
 from alphatoken.train import TrainConfig, train_dpo, train_sft
 from alphatoken.train.reference import ReferenceMismatchError
+from alphatoken.train.token_rewards import TokenRewardsMismatchError
 from alphatoken.valuation import ValuationConfig
 
 MATRIX_KEYS = ("methods", "seeds")  # which runs exist: the rule's wildcards, not settings of one run
@@ -50,6 +51,10 @@ def resolve_run(section: Section, valuation: Section, method: str) -> tuple[str,
     if method in variants and method in POLICIES:
         raise ParamsError(f"{section.locate(f'{VARIANTS_KEY}.{method}')}: {method!r} is a token policy's name; "
                           "give the variant another name")
+    if method in (section.values.get("methods") or []) and method in POLICIES and POLICIES[method].needs_token_rewards:
+        raise ParamsError(f"{section.locate('methods')}: {method!r} is not a run of the {section.name} matrix: it needs "
+                          "its oracle's per-token rewards; set sepo.seeds instead (its own rules: sepo_oracle, "
+                          "sepo_scores, train_sepo)")
     if method not in variants:
         if method not in POLICIES:
             raise ParamsError(f"{section.locate('methods')}: {method!r} is neither a token policy "
@@ -146,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fisher-section", default="fisher", help="section of the Fisher settings (with --fisher-prompts)")
     parser.add_argument("--reference-logps", help="reference log-probs of --model on the training data (ref_logps "
                         "stage); without it the run computes them itself")
+    parser.add_argument("--token-rewards", help="per-token rewards of the training pairs (sepo_scores stage); read by "
+                        "the policies that select by them (sepo)")
     parser.add_argument("--realisation-data", help="held-out target examples (JSONL, never trained on, never in G): "
                         "the probes of the value-realisation record (train.realisation_every)")
     parser.add_argument("--seed", type=int, default=0)
@@ -217,6 +224,14 @@ def main(argv: list[str] | None = None) -> None:
         realisation = {"realisation_data": held_out[:n]}
         print(f"[train] value realisation every {config.realisation_every} steps on {len(val)} validation and "
               f"{len(realisation['realisation_data'])} held-out examples of {args.realisation_data}")
+    if policy.needs_token_rewards:
+        if args.objective != "dpo" or not args.token_rewards:
+            fail(f"policy {args.method!r} selects tokens by the oracle's per-token rewards: run it with --objective dpo "
+                 "and --token-rewards (the sepo_scores rule's file); it is configured in the sepo section, not in "
+                 f"{args.section}.methods")
+        realisation = {**realisation, "token_rewards": args.token_rewards}
+    elif args.token_rewards:
+        fail(f"--token-rewards: policy {args.method!r} does not select by per-token rewards")
     run = train_dpo if args.objective == "dpo" else train_sft
     try:
         # reference=None: the proxy's W_ref are the weights at step 0, i.e. --model, which load_fisher
@@ -228,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     except FisherMismatchError as err:
         fail(f"{err} (the Fisher cached in {args.out} belongs to other step-0 weights or Fisher settings: "
              "delete that run directory to start over)")
+    except TokenRewardsMismatchError as err:
+        fail(f"{err} (rerun the sepo_scores rule)")
     except (ReferenceMismatchError, FileNotFoundError) as err:
         fail(f"{err} (rerun the ref_logps rule)" if args.reference_logps else str(err))
     except ValueError as err:

@@ -100,6 +100,7 @@ wildcard_constraints:
     seed="[0-9]+",
     dpo_method="[a-z0-9_]+",
     dpo_seed="[0-9]+",
+    sepo_seed="[0-9]+",
 
 
 def matrix_values(wildcard):
@@ -114,11 +115,31 @@ def matrix_values(wildcard):
         from alphatoken.policies import POLICIES
 
         variants = config[section].get("variants") or {}
+        own_rules = [m for m in values if m in OWN_RULE_METHODS and m not in variants]
+        if own_rules:
+            raise WorkflowError(f"{section}.{key}: {own_rules[0]!r} is not a run of the {section} matrix: "
+                                f"{OWN_RULE_METHODS[own_rules[0]]}")
         unknown = [m for m in values if m not in POLICIES and m not in variants]
         if unknown:
             raise WorkflowError(f"{section}.{key}: {unknown} are neither token policies ({sorted(POLICIES)}) nor "
                                 f"variants of {section}.variants ({sorted(variants)})")
     return values
+
+
+# Methods with rules of their own (an extra input every run of a matrix does not share), configured
+# in their own section rather than in a `methods` list.
+OWN_RULE_METHODS = {
+    "sepo": "SePO needs its oracle DPO run and token rewards: set sepo.seeds (rules sepo_subset, sepo_oracle, "
+            "sepo_scores, train_sepo, evaluate_sepo; report row `sepo`)",
+}
+
+
+def sepo_seeds():
+    """The seeds of the SePO runs (`sepo.seeds`; empty: SePO is off)."""
+    seeds = (config.get("sepo") or {}).get("seeds") or []
+    if not isinstance(seeds, list):
+        raise WorkflowError(f"sepo.seeds must be a list of seeds (empty: SePO off), got {seeds!r}")
+    return seeds if "dpo" in routes() else []
 
 
 def matrix_params(*wildcards):

@@ -20,6 +20,7 @@ PACKAGE = "alphatoken"
 MATRIX = {
     "method": ("train", "methods"), "seed": ("train", "seeds"),  # SFT route
     "dpo_method": ("dpo", "methods"), "dpo_seed": ("dpo", "seeds"),  # DPO route
+    "sepo_seed": ("sepo", "seeds"),  # SePO on the DPO route (its own rules: workflow/rules/dpo.smk)
 }
 
 
