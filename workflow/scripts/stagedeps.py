@@ -20,6 +20,7 @@ PACKAGE = "alphatoken"
 MATRIX = {
     "method": ("train", "methods"), "seed": ("train", "seeds"),  # SFT route
     "dpo_method": ("dpo", "methods"), "dpo_seed": ("dpo", "seeds"),  # DPO route
+    "alpha": ("wiseft", "alphas"),  # Wise-FT merges (x seed), workflow/rules/wiseft.smk
 }
 
 
