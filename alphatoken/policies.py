@@ -474,7 +474,6 @@ def get_policy(name: str) -> Policy:
     return POLICIES[name]
 
 
-
 # Runs that are not token policies: made after (or around) training by rules of their own and
 # configured in their own parameter section, so they are never items of a run matrix (`train.methods`):
 # name (or name prefix, `wiseft` for `wiseft_a0.5`) -> where they are configured.

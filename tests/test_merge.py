@@ -131,7 +131,7 @@ def test_integer_buffers_are_copied_and_mixed_dtypes_merge_in_the_wider_one():
 
 def test_bad_state_dicts_and_alphas_are_refused_naming_the_key():
     t = torch.zeros(3, 2, dtype=torch.float64)
-    base = {"a": t, "b": t, "c": t}
+    base = {key: torch.zeros(3, 2, dtype=torch.float64) for key in "abc"}  # three tensors (one would be tied)
     with pytest.raises(MergeError, match=r"key 'b' is only in theta_0 \(the base model\) \(2 keys in one only\)"):
         wise_ft(base, {"a": t, "c": t, "d": t}, 0.5)
     with pytest.raises(MergeError, match=r"key 'd' is only in theta_ft"):

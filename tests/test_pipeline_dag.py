@@ -64,15 +64,15 @@ def both_routes_stages(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def baselines_stages(tmp_path_factory) -> tuple[Path, dict]:
-    """(scratch copy, its DVC stages) for configs/experiments/baselines.yaml, which turns Wise-FT on
+def baselines_stages(tmp_path_factory) -> dict:
+    """The DVC stages of configs/experiments/baselines.yaml, which turns Wise-FT on
     (`wiseft.alphas`), as `sync_dvc.py --use` generates them: the default dvc.yaml has no merge."""
     repo = copy_pipeline(tmp_path_factory.mktemp("baselines") / "repo")
     result = subprocess.run([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--use",
                              "configs/experiments/baselines.yaml", "--root", str(repo)],
                             capture_output=True, text=True, timeout=120, cwd=repo)
     assert result.returncode == 0, result.stdout + result.stderr
-    return repo, yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    return yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def test_stage_entry_points_match_dvc_stages(dvc_stages, both_routes_stages, bas
     entry_points = {p.stem for p in (REPO / "alphatoken/stages").glob("*.py")} - {"__init__", "common"}
     run = {}
     assert set(dvc_stages) <= set(both_routes_stages)
-    for name, stage in {**dvc_stages, **both_routes_stages, **baselines_stages[1]}.items():
+    for name, stage in {**dvc_stages, **both_routes_stages, **baselines_stages}.items():
         module = re.match(r"python -m alphatoken\.stages\.(\w+) ", stage["cmd"]).group(1)
         sections = set(re.findall(r"--(?:[a-z]+-)?section (\w+)", stage["cmd"]))
         assert {p.split(".")[0] for p in stage["params"]} == sections, name
@@ -223,10 +223,10 @@ def test_wiseft_settings_are_checked_before_any_job(tmp_path, text, message):
 
 def test_wiseft_stages_are_dvc_matrix_stages_only_where_enabled(dvc_stages, baselines_stages):
     """dvc.yaml of the default parameters has no merge; generated from the baselines experiment, the
-    merge and its evaluation are DVC matrix stages over wiseft.alphas x train.seeds, and DVC expands
-    them to the paths Snakemake writes (both render an alpha with str())."""
+    merge and its evaluation are DVC matrix stages over wiseft.alphas x train.seeds (only the merges'
+    settings are their params), and the report reads every merge by its row name."""
     assert not {"wiseft", "evaluate_wiseft"} & set(dvc_stages)
-    repo, stages = baselines_stages
+    stages = baselines_stages
     merge, evaluate = stages["wiseft"], stages["evaluate_wiseft"]
     assert merge["matrix"] == evaluate["matrix"] == {"alpha": "${wiseft.alphas}", "seed": "${train.seeds}"}
     assert merge["cmd"].endswith("--model results/model --run results/train/full-${item.seed} --alpha ${item.alpha} "
@@ -241,16 +241,31 @@ def test_wiseft_stages_are_dvc_matrix_stages_only_where_enabled(dvc_stages, base
     alphas = yaml.safe_load((REPO / "configs/experiments/baselines.yaml").read_text())["wiseft"]["alphas"]
     runs = [(alpha, seed) for alpha in alphas for seed in (0, 1)]
     assert "".join(f" --extra-run wiseft_a{a} {s} results/eval/wiseft/{a}-{s} -" for a, s in runs) in report["cmd"]
-    result = subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "--no-scm", "-q"], cwd=repo,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_both_front_ends_name_a_merge_by_str_of_its_alpha(tmp_path):
+    """The merges Snakemake plans and the ones DVC expands from the generated matrix have the same
+    names and paths, including an alpha of 1.0 (str() of the float in both: `1.0`, never `1`)."""
+    repo = copy_pipeline(tmp_path / "repo")
+    (repo / "overlay.yaml").write_text("train:\n  methods: [alphatoken, full]\n  seeds: [0]\nwiseft:\n  of: full\n  alphas: [0.5, 1.0]\n")
+    dry = snakemake(repo, "-n", "--forceall", "--configfile", "overlay.yaml")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    planned = set(re.findall(r"^\s+output: (results/(?:eval/)?wiseft/\S+)$", dry.stdout, re.M))
+    expected = {f"results/{d}/{a}-0" for d in ("wiseft", "eval/wiseft") for a in ("0.5", "1.0")}
+    assert planned == expected, dry.stdout
+    for command in ([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--use", "overlay.yaml", "--root", str(repo)],
+                    [str(Path(sys.executable).with_name("dvc")), "init", "--no-scm", "-q"]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=repo)
+        assert result.returncode == 0, result.stdout + result.stderr
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc_repo:
-        expanded = {s.name: s for s in dvc_repo.index.stages if s.name.startswith("wiseft@")}
-    assert {name: [str(o.def_path) for o in s.outs] for name, s in expanded.items()} == {
-        f"wiseft@{a}-{s}": [f"results/wiseft/{a}-{s}"] for a, s in runs}
-    assert "--alpha 0.5 --seed 1 --out results/wiseft/0.5-1" in expanded["wiseft@0.5-1"].cmd
+        merges = {s.name: s for s in dvc_repo.index.stages if s.name.split("@")[0] in ("wiseft", "evaluate_wiseft")}
+        outs = {str(o.def_path) for s in merges.values() for o in s.outs}
+        commands = {name: s.cmd for name, s in merges.items()}
+    assert set(merges) == {f"{r}@{a}-0" for r in ("wiseft", "evaluate_wiseft") for a in ("0.5", "1.0")}
+    assert outs == expected
+    assert "--alpha 1.0 --seed 0 --out results/wiseft/1.0-0" in commands["wiseft@1.0-0"]
 
 
 def test_sync_dvc_names_a_merged_run_outside_the_train_matrix(tmp_path):
@@ -284,7 +299,7 @@ def modulefinder_sources(module: str) -> set[str]:
 def test_stage_deps_are_the_import_closure(dvc_stages, both_routes_stages, baselines_stages):
     """deps list every alphatoken file the stage imports (directly or not, also inside functions),
     as found by modulefinder; not only the stage script."""
-    for name, stage in {**dvc_stages, **both_routes_stages, **baselines_stages[1]}.items():
+    for name, stage in {**dvc_stages, **both_routes_stages, **baselines_stages}.items():
         module = re.match(r"python -m (\S+) ", stage["cmd"]).group(1)
         expected = modulefinder_sources(module)
         listed = {d for d in stage["deps"] if d.startswith("alphatoken/")}
