@@ -16,6 +16,7 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/fisher.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/wiseft.smk"  # Wise-FT merges of a trained run (wiseft.alphas; none by default)
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/dpo.smk"
 include: "workflow/rules/diagnostics.smk"  # run by name (not in `all`): proxy_oracle, attention_deviation
@@ -24,6 +25,7 @@ include: "workflow/rules/diagnostics.smk"  # run by name (not in `all`): proxy_o
 rule all:
     input:
         rules.report.output if "sft" in routes() else [],
+        wiseft_runs(WISEFT_EVAL) if "sft" in routes() else [],  # also inputs of the report
         rules.heatmap.output if "sft" in routes() else [],
         rules.report_dpo.output if "dpo" in routes() else [],
     default_target: True

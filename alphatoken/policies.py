@@ -586,3 +586,18 @@ def get_policy(name: str) -> Policy:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
     return POLICIES[name]
 
+
+# Runs that are not token policies: made after (or around) training by rules of their own and
+# configured in their own parameter section, so they are never items of a run matrix (`train.methods`):
+# name (or name prefix, `wiseft` for `wiseft_a0.5`) -> where they are configured.
+DERIVED_RUNS = {
+    "wiseft": "wiseft.of and wiseft.alphas (Wise-FT: merges of a trained run with the base model, rows wiseft_a<alpha>)",
+}
+
+
+def derived_run(name: str) -> str | None:
+    """Where run `name` is configured when it is one of DERIVED_RUNS (`wiseft`, `wiseft_a0.5`), else None."""
+    for prefix, where in DERIVED_RUNS.items():
+        if name == prefix or name.startswith(prefix + "_"):
+            return where
+    return None

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
 OVERLAYS = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "experiments").glob("*.yaml"))
 SECTIONS = ("model", "corpus", "data", "fisher", "valuation", "train", "eval", "report", "preference_data",
-            "warmstart", "dpo", "sepo", "diagnostics")  # the sections a stage reads (routes and resources are read by the rules)
+            "warmstart", "dpo", "sepo", "diagnostics", "wiseft")  # the sections a stage reads (routes and resources are read by the rules)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +216,8 @@ BAD_OVERLAYS = [
     ("resources:\n  trian: {threads: 1}\n", None, None),
     ("resources:\n  train: {thread: 1}\n", None, None),
     ("routes: [sft, rl]\n", None, None),
+    ("wiseft:\n  alphas: [0.5, 1.5]\n", "wiseft", ":2: wiseft.alphas[1]: expected a finite number in [0, 1], got 1.5"),
+    ("wiseft:\n  alphas: [0.5, 0.5]\n", "wiseft", ":2: wiseft.alphas: expected a list"),
 ]
 
 
@@ -261,6 +263,9 @@ def test_schema_lists_exactly_the_keys_the_stages_read():
     from alphatoken.eval.diagnostics import DiagnosticsConfig
 
     assert _schema_keys("diagnostics") == {f.name for f in dataclasses.fields(DiagnosticsConfig)} | {"run"}
+    from alphatoken.stages import wiseft as wiseft_module
+
+    assert _schema_keys("wiseft") == set(wiseft_module.OWN_KEYS) | set(wiseft_module.MATRIX_KEYS)
     pattern = params_schema()["properties"]["train"]["properties"]["methods"]["items"]["pattern"]
     assert all(re.fullmatch(pattern, name) for name in POLICIES)  # every policy can be listed as a method
 

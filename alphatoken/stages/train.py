@@ -22,7 +22,7 @@ from alphatoken.checkpoint import RunMismatchError
 from alphatoken.data import DataError, read_split
 from alphatoken.fisher import FisherConfig, FisherMismatchError, FisherPrompts, fisher_parameter_names, load_fisher
 from alphatoken.models import ModelSpec, load_model
-from alphatoken.policies import POLICIES, PolicyConfig, get_policy
+from alphatoken.policies import POLICIES, PolicyConfig, derived_run, get_policy
 from alphatoken.stages.common import (
     ParamsError, Section, fail, gpus_requested, init_distributed, log_run_environment, read_section,
     relaunch_under_torchrun, split_section, stage_parser, to_config,
@@ -45,7 +45,12 @@ def resolve_run(section: Section, valuation: Section, method: str) -> tuple[str,
     `alphatoken.policies` with the sections as they are, or a variant `section.variants.<method>`
     (`{policy: NAME, <keys of the section>..., valuation: {<valuation keys>...}}`) whose values replace
     the section's and the valuation's, located at the variant's lines. The run section comes back
-    without `variants`."""
+    without `variants`. The name of a run made by other rules (`alphatoken.policies.DERIVED_RUNS`, e.g.
+    `wiseft_a0.5`) is refused, naming the section that configures it."""
+    derived = derived_run(method)
+    if derived is not None:
+        raise ParamsError(f"{section.locate('methods')}: {method!r} is not a training run of {section.name}.methods: "
+                          f"it is configured in {derived}")
     variants = section.values.get(VARIANTS_KEY) or {}
     values = {k: v for k, v in section.values.items() if k != VARIANTS_KEY}
     if method in variants and method in POLICIES:

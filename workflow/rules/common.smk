@@ -112,8 +112,12 @@ def matrix_values(wildcard):
     if not isinstance(values, list) or not values:
         raise WorkflowError(f"{section}.{key} must be a non-empty list (the {wildcard}s to run), got {values!r}")
     if key == "methods":
-        from alphatoken.policies import POLICIES
+        from alphatoken.policies import POLICIES, derived_run
 
+        derived = [(m, derived_run(m)) for m in values if derived_run(m)]
+        if derived:
+            raise WorkflowError(f"{section}.{key}: {derived[0][0]!r} is not a training run of {section}.{key}: it is "
+                                f"configured in {derived[0][1]}")
         variants = config[section].get("variants") or {}
         own_rules = [m for m in values if m in OWN_RULE_METHODS and m not in variants]
         if own_rules:
@@ -214,3 +218,47 @@ def routes():
     if not isinstance(chosen, list) or not chosen or set(chosen) - set(ROUTES):
         raise WorkflowError(f"routes: expected a non-empty list of {list(ROUTES)}, got {chosen!r}")
     return chosen
+
+
+# Wise-FT merges after training (workflow/rules/wiseft.smk): alpha x seed, off while wiseft.alphas is [].
+# An alpha's text in paths and row names is Python's str() of the float, which is what DVC writes for
+# ${item.alpha} too: alphas are floats (1.0, not 1), checked here (alphatoken.merge.alpha_tag) and by the stage.
+WISEFT_MERGE = "results/wiseft/{alpha}-{seed}"
+WISEFT_EVAL = "results/eval/wiseft/{alpha}-{seed}"
+
+
+def wiseft_alphas():
+    """wiseft.alphas ([] when off), checked: floats in [0, 1] whose str() names the merge; when there are
+    any, wiseft.of must be a token policy or a variant of train.variants."""
+    from alphatoken.merge import MergeError, alpha_tag
+
+    alphas = config["wiseft"].get("alphas") or []
+    for alpha in alphas:
+        try:
+            alpha_tag(alpha)
+        except MergeError as err:
+            raise WorkflowError(f"wiseft.alphas: {err}")
+    of = config["wiseft"].get("of")
+    if alphas:
+        from alphatoken.policies import POLICIES, derived_run
+
+        variants = config["train"].get("variants") or {}
+        if derived_run(str(of)) or (of not in POLICIES and of not in variants):
+            raise WorkflowError(f"wiseft.of: {of!r} is neither a token policy ({sorted(POLICIES)}) nor a variant of "
+                                f"train.variants ({sorted(variants)}): name the trained run to merge")
+    return alphas
+
+
+def wiseft_runs(pattern):
+    """`pattern` (WISEFT_MERGE or WISEFT_EVAL) for every alpha x seed; [] when wiseft.alphas is empty."""
+    alphas = wiseft_alphas()
+    return expand(pattern, alpha=alphas, seed=matrix_values("seed")) if alphas else []
+
+
+def wiseft_extra_runs():
+    """The report's --extra-run arguments of the merges: row wiseft_a<alpha>, seed, its evaluation, and
+    `-` for the run directory (a merge has no training curves or step times)."""
+    from alphatoken.merge import row_name
+
+    return "".join(f" --extra-run {row_name(alpha)} {seed} {WISEFT_EVAL.format(alpha=alpha, seed=seed)} -"
+                   for alpha in wiseft_alphas() for seed in matrix_values("seed"))

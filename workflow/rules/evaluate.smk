@@ -1,5 +1,5 @@
 # Evaluation (a GPU rule): the base model once (the reference row of the table) and every run;
-# then the report over all runs.
+# then the report over all runs (and the Wise-FT merges of workflow/rules/wiseft.smk).
 
 
 rule evaluate_base:
@@ -59,6 +59,7 @@ rule report:
         base=rules.evaluate_base.output.eval,
         evals=all_runs(rules.evaluate.output.eval),
         runs=all_runs(rules.train.output.run),
+        wiseft=wiseft_runs(WISEFT_EVAL),  # the Wise-FT merges (workflow/rules/wiseft.smk), rows wiseft_a<alpha>
     output:
         table=f"{report_dir()}/table.md",
         table_csv=f"{report_dir()}/table.csv",
@@ -87,7 +88,7 @@ rule report:
             "report",
             "report",
             "--runs-section train --base {input.base} --evals results/eval/runs --train results/train "
-            f"--out {report_dir()}",
+            f"--out {report_dir()}{wiseft_extra_runs()}",
         )
 
 

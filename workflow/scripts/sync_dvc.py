@@ -116,7 +116,10 @@ def _matrix(rule, jobs: list, config: dict) -> dict:
     expected = {tuple(str(v) for v in combo) for combo in product(*lists)}
     scheduled = {tuple(str(j.wildcards_dict[w]) for w in names) for j in jobs}
     if scheduled != expected:
-        raise RuleDeclarationError(f"rule {rule.name}: jobs {sorted(scheduled)} are not the matrix {sorted(expected)}")
+        raise RuleDeclarationError(
+            f"rule {rule.name}: jobs {sorted(scheduled)} are not the matrix {sorted(expected)} of "
+            f"{', '.join('.'.join(MATRIX[w]) for w in names)}: a run that another rule reads (wiseft.of, "
+            "diagnostics.run) must be in those lists for dvc.yaml")
     return {w: "${%s.%s}" % MATRIX[w] for w in names}
 
 
