@@ -34,6 +34,7 @@ smoke: setup
 	$(BIN)/snakemake --cores $(CORES) --configfile configs/smoke.yaml
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: setup

@@ -17,6 +17,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/fisher.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/less.smk"  # LESS (less.enabled): selection, its runs and their evaluations
+include: "workflow/rules/wiseft.smk"  # Wise-FT merges of a trained run (wiseft.alphas; none by default)
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/dpo.smk"
 include: "workflow/rules/diagnostics.smk"  # run by name (not in `all`): proxy_oracle, attention_deviation
@@ -26,6 +27,7 @@ rule all:
     input:
         rules.report.output if "sft" in routes() else [],
         [eval_dir for _, _, eval_dir, _ in EXTRA_RUNS] if "sft" in routes() else [],  # runs outside the matrix (less)
+        wiseft_runs(WISEFT_EVAL) if "sft" in routes() else [],  # also inputs of the report
         rules.heatmap.output if "sft" in routes() else [],
         rules.report_dpo.output if "dpo" in routes() else [],
     default_target: True

@@ -9,6 +9,7 @@ Library layout (each module is one idea):
     policies   -- token-selection policies (AlphaToken, ablations, baselines)
     train      -- plain SFT/DPO training loops
     eval       -- lm-eval retention suite, HumanEval in a sandbox, reports
+    integrations -- the same inside other frameworks (TRL's trainers; optional extra `alphatoken[trl]`)
 """
 
 __version__ = "0.1.0"

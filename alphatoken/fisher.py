@@ -1,4 +1,5 @@
-"""Monte-Carlo diagonal Fisher of the scored weights at the reference model (paper Sec. 3.3).
+"""Monte-Carlo Fisher of the scored weights at the reference model (paper Sec. 3.3): diagonal (the
+default), or Kronecker-factored (`FisherConfig.kind = "kronecker"`, paper Table 6), see below.
 
 For every scored weight W (the `nn.Linear` weights of the last K decoder blocks, or the LoRA factors
 `lora_A`, `lora_B` there for a peft-wrapped model, see `alphatoken.blocks.scored_linears`):
@@ -26,11 +27,35 @@ Forward hooks capture `x` and `z` of every scored linear, one backward of `sum_n
 are squared and accumulated. The backward starts at the input of the first scored block, so the
 earlier blocks are never differentiated.
 
+Kronecker-factored Fisher (`kind="kronecker"`, K-FAC). From the same samples, log-likelihoods and
+hooks (so the same `x` and `e`), per scored weight W (d_out, d_in):
+
+    A_W = (1/M) sum_n sum_{t in T_n} x_{n,t} x_{n,t}^T        (d_in, d_in)    a per-token mean
+    S_W = (1/N) sum_n sum_{t in T_n} e_{n,t} e_{n,t}^T        (d_out, d_out)  a per-sample mean of token sums
+
+with T_n the positions 0 .. L_n - 2 of sample n's prompt + response (L_n tokens; every position but
+the last, whose output reaches no predicted token, so e = 0 there in every block; padding never
+counts) and M = sum_n (L_n - 1) the number of such tokens. `S_W (x) A_W` approximates the Fisher
+matrix of vec(W): dropping the cross-token terms of `g_n g_n^T` leaves
+`(1/N) sum_{n,t} (e e^T) (x) (x x^T) = (M/N) E_t[(e e^T) (x) (x x^T)]` (E_t the mean over those M
+tokens), and K-FAC replaces the mean of the Kronecker products by the Kronecker product of the means,
+`(M/N) E_t[e e^T] (x) E_t[x x^T] = S_W (x) A_W` (Martens & Grosse 2015, with the tokens of a sequence
+as uses of a shared weight: the "expand" setting of Eschenhagen et al. 2023, arXiv:2311.00636; a
+linear called twice per forward counts each call's tokens). Its scale is that of
+F_W, so lambda means the same for both kinds. For one sample of one counted position (N = M = 1) the
+two agree exactly: `diag(S (x) A)[o, i] = e_o^2 x_i^2 = F_W[o, i]`; in general the diagonal of
+`S (x) A` is *not* F_W (no cross-token terms, and the factorisation). The retention proxy becomes
+`P_W = S_W (W - W_ref) A_W`, which is `(S (x) A) vec(W - W_ref)` for the row-major vec (A, S
+symmetric) and the gradient of `R(W) = 1/2 tr((W - W_ref)^T S (W - W_ref) A)`. In memory and on disk
+the factors of the parameter `name` are the tensors `name + ".kfac_A"` and `name + ".kfac_S"`
+(`KRONECKER_SUFFIXES`); the diagonal Fisher is the tensor `name` itself.
+
 LoRA factors (paper App. B.2.3): a factor is a linear like any other (`lora_A` sees x, `lora_B` sees
 A x, and its output error already carries the scaling s), so the same hooks give F_A (r, d_in) and
-F_B (d_out, r); the cache is small. With peft's default initialisation B = 0, the gradient reaching
-A, s B^T e x^T, is zero: at such a reference F_A = 0 exactly, and the proxy P_A = F_A (A - A_ref)
-stays 0 for the whole run, while P_B = F_B (B - B_ref) carries the retention term.
+F_B (d_out, r) (Kronecker: A and S factors of each); the cache is small. With peft's default
+initialisation B = 0, the gradient reaching A, s B^T e x^T, is zero: at such a reference F_A = 0
+exactly (Kronecker: S_A = 0), and the proxy P_A stays 0 for the whole run, while P_B carries the
+retention term.
 
 Sampling uses `model.generate` (left padding, KV cache, stops at eos) with a logits processor that
 draws `argmax(log q + Gumbel noise)` from a private `torch.Generator` per prompt, seeded from
@@ -62,9 +87,14 @@ from alphatoken.models import weights_fingerprint
 log = logging.getLogger(__name__)
 
 LABEL_MODES = ("sampled", "empirical")
+FISHER_KINDS = ("diagonal", "kronecker")
+# Tensor-name suffixes of the Kronecker factors of a parameter: A = E[x x^T] (d_in, d_in), S = E[e e^T] (d_out, d_out).
+KRONECKER_SUFFIXES = (".kfac_A", ".kfac_S")
 FORMAT = "alphatoken.fisher/1"  # metadata tag of a Fisher file; bump when its layout changes
 # Config fields that change the Fisher values, checked by `load_fisher` (batch_size does not).
-RESULT_FIELDS = ("last_k", "labels", "temperature", "top_p", "max_new_tokens", "seed")
+RESULT_FIELDS = ("last_k", "kind", "labels", "temperature", "top_p", "max_new_tokens", "seed")
+# The value of a config field in files written before the field existed (all of them were diagonal).
+LEGACY_FIELDS = {"kind": "diagonal"}
 
 
 class FisherMismatchError(ValueError):
@@ -76,6 +106,7 @@ class FisherConfig:
     """How the Monte-Carlo Fisher is computed."""
 
     last_k: int = 3  # scored weights: every nn.Linear (LoRA: every adapter factor) in the last K decoder blocks (paper K=3)
+    kind: str = "diagonal"  # "diagonal": F_W, one value per weight entry; "kronecker": the K-FAC factors A_W, S_W
     labels: str = "sampled"  # "sampled": y~ ~ p_ref (Monte-Carlo Fisher); "empirical": dataset responses
     temperature: float = 1.0  # sampling temperature (1.0 = the reference model's own distribution)
     top_p: float = 1.0  # nucleus sampling mass (1.0 = no truncation, the exact Fisher)
@@ -88,6 +119,7 @@ class FisherConfig:
         for name in ("last_k", "max_new_tokens", "batch_size"):
             check_int(owner, name, getattr(self, name), 1)
         check_int(owner, "seed", self.seed, 0)
+        check_choice(owner, "kind", self.kind, FISHER_KINDS)
         check_choice(owner, "labels", self.labels, LABEL_MODES)
         check_number(owner, "temperature", self.temperature, 0.0, low_open=True)
         check_number(owner, "top_p", self.top_p, 0.0, 1.0, low_open=True)
@@ -107,6 +139,73 @@ class FisherPrompts:
             raise TypeError(f"FisherPrompts.config: expected a FisherConfig, got {type(self.config).__name__}")
         if not isinstance(self.prompts, (list, tuple)) or not self.prompts:
             raise ValueError("FisherPrompts.prompts: need a non-empty list of token-id lists")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tensors of a Fisher of either kind
+
+
+def fisher_tensor_shapes(linears: dict[str, nn.Linear], kind: str) -> dict[str, tuple[int, ...]]:
+    """The tensors a Fisher of `kind` holds for the scored `linears` ({parameter name: linear}), in
+    their order: "diagonal", F shaped like the weight under the parameter's name; "kronecker", A
+    (d_in, d_in) and S (d_out, d_out) under the name + `KRONECKER_SUFFIXES`."""
+    check_choice("fisher", "kind", kind, FISHER_KINDS)
+    shapes = {}
+    for name, linear in linears.items():
+        d_out, d_in = linear.weight.shape
+        if kind == "diagonal":
+            shapes[name] = (d_out, d_in)
+        else:
+            shapes[name + KRONECKER_SUFFIXES[0]] = (d_in, d_in)
+            shapes[name + KRONECKER_SUFFIXES[1]] = (d_out, d_out)
+    return shapes
+
+
+def fisher_kind(tensors: dict) -> str:
+    """The kind of an in-memory Fisher ({tensor name: tensor}, as `compute_fisher` and `load_fisher`
+    return it): "kronecker" when its names carry the factor suffixes, else "diagonal". ValueError for
+    a dict holding both kinds of names."""
+    factors = [name for name in tensors if name.endswith(KRONECKER_SUFFIXES)]
+    if factors and len(factors) < len(tensors):
+        other = next(name for name in tensors if not name.endswith(KRONECKER_SUFFIXES))
+        raise ValueError(f"fisher mixes Kronecker factors ({factors[0]!r}, ...) with diagonal entries ({other!r}, ...): "
+                         "a Fisher is of one kind")
+    return "kronecker" if factors else "diagonal"
+
+
+def fisher_parameter_names(tensors: dict) -> list[str]:
+    """The parameters an in-memory Fisher covers: its names (diagonal), or the names of the parameters
+    that have both Kronecker factors (kronecker)."""
+    if fisher_kind(tensors) == "diagonal":
+        return list(tensors)
+    input_suffix, output_suffix = KRONECKER_SUFFIXES
+    return [name.removesuffix(input_suffix) for name in tensors
+            if name.endswith(input_suffix) and name.removesuffix(input_suffix) + output_suffix in tensors]
+
+
+def fisher_entries(tensors: dict, linears: dict[str, nn.Linear], what: str = "fisher") -> tuple[str, dict]:
+    """The kind of the in-memory Fisher `tensors` and its entry for each of the scored `linears`:
+    "diagonal", {name: F (d_out, d_in)}; "kronecker", {name: (A (d_in, d_in), S (d_out, d_out))}.
+    Tensors of other parameters (a Fisher of more blocks) are ignored. KeyError naming the first
+    scored weight without its tensor, ValueError for a misshapen tensor or a mix of the two kinds."""
+    kind = fisher_kind(tensors)
+    expected = fisher_tensor_shapes(linears, kind)
+    for key, shape in expected.items():
+        name = key.removesuffix(KRONECKER_SUFFIXES[0]).removesuffix(KRONECKER_SUFFIXES[1])
+        weight_shape = tuple(linears[name].weight.shape)
+        if key not in tensors:
+            if kind == "diagonal":
+                raise KeyError(f"{what} has no entry for the scored weight {name!r}")
+            raise KeyError(f"{what} (Kronecker factors) has no entry {key!r} for the scored weight {name!r}")
+        if tuple(tensors[key].shape) != shape:
+            if kind == "diagonal":
+                raise ValueError(f"{what}[{key!r}] has shape {tuple(tensors[key].shape)}, the weight has {weight_shape}")
+            factor = "A (d_in, d_in)" if key.endswith(KRONECKER_SUFFIXES[0]) else "S (d_out, d_out)"
+            raise ValueError(f"{what}[{key!r}] has shape {tuple(tensors[key].shape)}: the Kronecker factor {factor} "
+                             f"of the weight {name!r} {weight_shape} is {shape}")
+    if kind == "diagonal":
+        return kind, {name: tensors[name] for name in linears}
+    return kind, {name: (tensors[name + KRONECKER_SUFFIXES[0]], tensors[name + KRONECKER_SUFFIXES[1]]) for name in linears}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -327,13 +426,76 @@ def _right_padded(sequences: list[list[int]], response_lengths: list[int], pad_i
     return input_ids.to(device), real_mask.to(device), response_mask.to(device)
 
 
+class _DiagonalSums:
+    """sum_n (grad_W log p_n)^2 of every scored weight, batch by batch; `result` divides by N."""
+
+    def __init__(self, linears: dict[str, nn.Linear], dtype: torch.dtype):
+        self.dtype = dtype
+        self.sums = {name: torch.zeros(l.weight.shape, dtype=dtype, device=l.weight.device) for name, l in linears.items()}
+
+    def add(self, names: list[str], inputs: list, errors: list, real_mask: torch.Tensor) -> None:
+        """One batch: x (B, T, in) and e (B, T, out) of every call of a scored linear (e None: the call
+        does not influence the response tokens), real_mask (B, T) True on prompt + response tokens."""
+        per_sample = {}
+        keep = real_mask[:, :, None]  # (B, T, 1) padding never contributes
+        for name, x, e in zip(names, inputs, errors):
+            if e is None:  # this linear does not influence the response tokens
+                continue
+            x = torch.where(keep, x.to(self.dtype), 0.0)  # (B, T, in)
+            g = torch.einsum("bto,bti->boi", e.to(self.dtype), x)  # (B, out, in)
+            per_sample[name] = per_sample[name] + g if name in per_sample else g  # a linear called twice
+        for name, g in per_sample.items():
+            self.sums[name] += g.square().sum(dim=0).to(self.sums[name].device)  # (out, in)
+
+    def result(self, n_samples: int) -> dict[str, torch.Tensor]:
+        return {name: (f / n_samples).cpu() for name, f in self.sums.items()}
+
+
+class _KroneckerSums:
+    """sum over counted tokens of x x^T (and their count M) and of e e^T per scored linear, batch by
+    batch; `result` gives A = (sum x x^T) / M and S = (sum e e^T) / N (module docstring)."""
+
+    def __init__(self, linears: dict[str, nn.Linear], dtype: torch.dtype):
+        self.dtype = dtype
+        self.inputs = {name: torch.zeros(l.in_features, l.in_features, dtype=dtype, device=l.weight.device)
+                       for name, l in linears.items()}  # (in, in)
+        self.errors = {name: torch.zeros(l.out_features, l.out_features, dtype=dtype, device=l.weight.device)
+                       for name, l in linears.items()}  # (out, out)
+        self.tokens = {name: 0 for name in linears}
+
+    def add(self, names: list[str], inputs: list, errors: list, real_mask: torch.Tensor) -> None:
+        """As `_DiagonalSums.add`. The counted tokens are every real position but a row's last one:
+        position t counts when t + 1 is a real token (rows are right padded)."""
+        counted = torch.zeros_like(real_mask)  # (B, T)
+        counted[:, :-1] = real_mask[:, 1:]
+        rows = counted.flatten()  # (B*T,) selecting, not multiplying: padding activations never enter
+        n_rows = int(rows.sum())
+        for name, x, e in zip(names, inputs, errors):
+            x = x.to(self.dtype).flatten(0, 1)[rows]  # (n, in)
+            self.inputs[name] += (x.T @ x).to(self.inputs[name].device)
+            self.tokens[name] += n_rows  # a linear called twice counts each call's tokens
+            if e is not None:  # None: the call does not influence the response tokens, e = 0
+                e = e.to(self.dtype).flatten(0, 1)[rows]  # (n, out)
+                self.errors[name] += (e.T @ e).to(self.errors[name].device)
+
+    def result(self, n_samples: int) -> dict[str, torch.Tensor]:
+        input_suffix, output_suffix = KRONECKER_SUFFIXES
+        factors = {}
+        for name in self.inputs:
+            if self.tokens[name] == 0:
+                raise RuntimeError(f"Kronecker Fisher: the scored linear {name} saw no token")
+            factors[name + input_suffix] = (self.inputs[name] / self.tokens[name]).cpu()
+            factors[name + output_suffix] = (self.errors[name] / n_samples).cpu()
+        return factors
+
+
 def _accumulate_batch(model, capture: _LinearCapture, prompts, responses, pad_id: int,
-                      fisher: dict[str, torch.Tensor]) -> None:
-    """Add `sum_n (grad_W log p(y_n | x_n))^2` of one batch to `fisher` (in place)."""
+                      sums: _DiagonalSums | _KroneckerSums) -> None:
+    """Add one batch's per-sample squared gradients (diagonal) or factor sums (kronecker) to `sums`."""
     device = _device_of(model)
     sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
     input_ids, real_mask, response_mask = _right_padded(sequences, [len(r) for r in responses], pad_id, device)
-    acc_dtype = next(iter(fisher.values())).dtype
+    acc_dtype = sums.dtype
     capture.clear()
     capture.active = True
     try:
@@ -346,17 +508,8 @@ def _accumulate_batch(model, capture: _LinearCapture, prompts, responses, pad_id
             names = [name for name, calls in capture.records.items() for _ in calls]
             outputs = [z for calls in capture.records.values() for _, z in calls]
             errors = torch.autograd.grad(objective, outputs, allow_unused=True)  # each (B, T, out)
-        per_sample = {}
-        keep = real_mask[:, :, None]  # (B, T, 1) padding never contributes
         inputs = [x for calls in capture.records.values() for x, _ in calls]
-        for name, x, e in zip(names, inputs, errors):
-            if e is None:  # this linear does not influence the response tokens
-                continue
-            x = torch.where(keep, x.to(acc_dtype), 0.0)  # (B, T, in)
-            g = torch.einsum("bto,bti->boi", e.to(acc_dtype), x)  # (B, out, in)
-            per_sample[name] = per_sample[name] + g if name in per_sample else g  # a linear called twice
-        for name, g in per_sample.items():
-            fisher[name] += g.square().sum(dim=0).to(fisher[name].device)  # (out, in)
+        sums.add(names, inputs, list(errors), real_mask)
     finally:
         capture.active = False
         capture.clear()
@@ -417,14 +570,18 @@ def sample_responses(model: nn.Module, tokenizer, prompts: list[list[int]], cfg:
 
 def compute_fisher(model: nn.Module, tokenizer, prompts: list[list[int]], cfg: FisherConfig,
                    responses: list[list[int]] | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Diagonal Monte-Carlo Fisher `F_W = mean_n (grad_W log p(y~_n | x_n))^2` of every scored weight.
+    """Monte-Carlo Fisher of every scored weight: `cfg.kind == "diagonal"`, `F_W = mean_n (grad_W log
+    p(y~_n | x_n))^2`; `"kronecker"`, the K-FAC factors `A_W = E_t[x x^T]` (mean over the counted
+    tokens of all samples) and `S_W = (1/N) sum_n sum_t e e^T` (module docstring).
 
     prompts: token ids of chat prompts already rendered with the generation prompt.
     responses: the dataset responses (token ids), required with `cfg.labels == "empirical"` and refused
         otherwise (the sampled labels come from the model, see `sample_responses`).
-    Returns {parameter name: tensor shaped like the weight} on CPU, float64 for a float64 model and
-    float32 otherwise. The model is left as found: hooks removed, train/eval modes restored, `.grad`
-    and `requires_grad` untouched, the global RNG not consumed.
+    Returns, on CPU, float64 for a float64 model and float32 otherwise: diagonal, {parameter name:
+    tensor shaped like the weight}; kronecker, {name + ".kfac_A": A (d_in, d_in), name + ".kfac_S":
+    S (d_out, d_out)} (`fisher_tensor_shapes`), in the order of the scored weights. The model is
+    left as found: hooks removed, train/eval modes restored, `.grad` and `requires_grad` untouched,
+    the global RNG not consumed.
     """
     if not isinstance(cfg, FisherConfig):
         raise TypeError(f"cfg: expected a FisherConfig, got {type(cfg).__name__}")
@@ -447,7 +604,7 @@ def compute_fisher(model: nn.Module, tokenizer, prompts: list[list[int]], cfg: F
         log.warning("no eos token known: every sampled response runs to max_new_tokens=%d", cfg.max_new_tokens)
 
     acc_dtype = torch.float64 if all(l.weight.dtype == torch.float64 for l in linears.values()) else torch.float32
-    fisher = {name: torch.zeros(l.weight.shape, dtype=acc_dtype, device=l.weight.device) for name, l in linears.items()}
+    sums = (_KroneckerSums if cfg.kind == "kronecker" else _DiagonalSums)(linears, acc_dtype)
     modes = {module: module.training for module in model.modules()}
     model.eval()  # the reference model's distribution: no dropout
     capture = _LinearCapture(first_block, linears)
@@ -461,7 +618,7 @@ def compute_fisher(model: nn.Module, tokenizer, prompts: list[list[int]], cfg: F
                     batch_responses = _sample_batch(model, batch_prompts, indices, cfg, stop_ids, pad_id)
                 else:
                     batch_responses = [responses[i] for i in indices]
-                _accumulate_batch(model, capture, batch_prompts, batch_responses, pad_id, fisher)
+                _accumulate_batch(model, capture, batch_prompts, batch_responses, pad_id, sums)
                 n_tokens += sum(len(r) for r in batch_responses)
                 n_stopped += sum(1 for r in batch_responses if r[-1] in stop_ids)
                 bar.update(len(indices))
@@ -469,9 +626,9 @@ def compute_fisher(model: nn.Module, tokenizer, prompts: list[list[int]], cfg: F
         capture.remove()
         for module, training in modes.items():
             module.training = training
-    log.info("Fisher over %d prompts (%s labels): %d response tokens, %d responses end with eos, "
-             "%d stop at max_new_tokens", len(prompts), cfg.labels, n_tokens, n_stopped, len(prompts) - n_stopped)
-    return {name: (f / len(prompts)).cpu() for name, f in fisher.items()}
+    log.info("%s Fisher over %d prompts (%s labels): %d response tokens, %d responses end with eos, "
+             "%d stop at max_new_tokens", cfg.kind, len(prompts), cfg.labels, n_tokens, n_stopped, len(prompts) - n_stopped)
+    return sums.result(len(prompts))
 
 
 def _metadata(model: nn.Module, names: list[str], cfg: FisherConfig, num_prompts: int, dtype) -> dict[str, str]:
@@ -494,25 +651,33 @@ def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], model: nn.Mod
                 num_prompts: int) -> Path:
     """Write `fisher` as safetensors with string metadata: format, library version, model identity
     (`_name_or_path`, `model_type`, weights fingerprint), parameter names and count, number of prompts,
-    dtype and every FisherConfig field. `model` must be the reference model it was computed on.
-    Written to a temporary file and renamed, so a crash never leaves a half-written cache."""
+    dtype and every FisherConfig field (`kind` among them). `fisher` holds exactly the tensors of
+    `fisher_tensor_shapes(scored weights, cfg.kind)`; `model` must be the reference model it was
+    computed on. Written to a temporary file and renamed, so a crash never leaves a half-written cache."""
     path = Path(path)
-    expected = scored_linears(model, cfg.last_k)
+    try:
+        kind = fisher_kind(fisher)
+    except ValueError as err:
+        raise ValueError(f"save_fisher({path}): {err}") from None
+    if kind != cfg.kind:
+        raise ValueError(f"save_fisher({path}): the tensors are a {kind} Fisher, the config says kind={cfg.kind!r}")
+    linears = scored_linears(model, cfg.last_k)
+    expected = fisher_tensor_shapes(linears, cfg.kind)
+    what = "weight shape" if cfg.kind == "diagonal" else "factor shape"
     problems = [f"missing parameter {name}" for name in expected if name not in fisher]
     problems += [f"unexpected parameter {name}" for name in fisher if name not in expected]
-    problems += [f"{name}: shape {tuple(fisher[name].shape)} != weight shape {tuple(l.weight.shape)}"
-                 for name, l in expected.items() if name in fisher and fisher[name].shape != l.weight.shape]
+    problems += [f"{name}: shape {tuple(fisher[name].shape)} != {what} {shape}"
+                 for name, shape in expected.items() if name in fisher and tuple(fisher[name].shape) != shape]
     if problems:
         raise ValueError(f"save_fisher({path}): the Fisher does not match the scored weights of the model "
-                         f"(last_k={cfg.last_k}): " + "; ".join(problems))
+                         f"(last_k={cfg.last_k}, kind={cfg.kind}): " + "; ".join(problems))
     if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
         raise ValueError(f"save_fisher({path}): num_prompts must be an integer >= 1, got {num_prompts!r}")
     dtypes = {t.dtype for t in fisher.values()}
     if len(dtypes) != 1:
         raise ValueError(f"save_fisher({path}): mixed dtypes {sorted(map(str, dtypes))}")
-    names = list(expected)
-    tensors = {name: fisher[name].detach().to("cpu").contiguous() for name in names}
-    metadata = _metadata(model, names, cfg, num_prompts, dtypes.pop())
+    tensors = {name: fisher[name].detach().to("cpu").contiguous() for name in expected}
+    metadata = _metadata(model, list(linears), cfg, num_prompts, dtypes.pop())  # param_names: the scored weights
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(_deterministic_safetensors(tensors, metadata))
@@ -561,10 +726,13 @@ def read_fisher_metadata(path: str | Path) -> dict[str, str]:
 
 def load_fisher(path: str | Path, model: nn.Module, cfg: FisherConfig | None = None) -> dict[str, torch.Tensor]:
     """Load a Fisher written by `save_fisher` after checking it belongs to `model` (same weights
-    fingerprint, exactly the scored parameter names for the stored `last_k`, same shapes) and, when
-    `cfg` is given, to `cfg` (same last_k, labels, temperature, top_p, max_new_tokens, seed;
-    batch_size may differ). Raises FisherMismatchError naming the file and every field that differs,
-    with the expected and the found value. Returns {name: tensor} on CPU."""
+    fingerprint, exactly the tensors of the scored parameters for the stored `last_k` and `kind`,
+    same shapes) and, when `cfg` is given, to `cfg` (same last_k, kind, labels, temperature, top_p,
+    max_new_tokens, seed; batch_size may differ): a file of one kind loaded under the other kind is
+    refused, naming the field 'kind'. A file written before `kind` existed is diagonal. Raises
+    FisherMismatchError naming the file and every field that differs, with the expected and the
+    found value. Returns {tensor name: tensor} on CPU in the order of the scored weights: the
+    parameter names (diagonal) or the factor names (kronecker, see `fisher_tensor_shapes`)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -576,31 +744,42 @@ def load_fisher(path: str | Path, model: nn.Module, cfg: FisherConfig | None = N
 
     stored = {}
     for field in fields(FisherConfig):
-        if field.name not in metadata:
+        if field.name in metadata:
+            stored[field.name] = json.loads(metadata[field.name])
+        elif field.name in LEGACY_FIELDS:  # written before the field existed, when it had one value
+            stored[field.name] = LEGACY_FIELDS[field.name]
+        else:
             differs(field.name, "a value", None)
             continue
-        stored[field.name] = json.loads(metadata[field.name])
         if cfg is not None and field.name in RESULT_FIELDS and getattr(cfg, field.name) != stored[field.name]:
             differs(field.name, getattr(cfg, field.name), stored[field.name])
+    kind = stored.get("kind")
+    if kind not in FISHER_KINDS:
+        differs("kind", f"one of {list(FISHER_KINDS)}", kind)
+        kind = None
     fingerprint = weights_fingerprint(model)
     if metadata.get("weights_fingerprint") != fingerprint:
         differs("weights_fingerprint", fingerprint, metadata.get("weights_fingerprint"))
         problems[-1] += " (the Fisher was computed for other weights)"
     tensors = load_file(str(path))
-    if "last_k" in stored:
-        expected = scored_linears(model, int(stored["last_k"]))
+    if "last_k" in stored and kind is not None:
+        linears = scored_linears(model, int(stored["last_k"]))
+        expected = fisher_tensor_shapes(linears, kind)
+        what = "scored weights" if kind == "diagonal" else f"Kronecker factors of the {len(linears)} scored weights"
         missing = [name for name in expected if name not in tensors]
         extra = [name for name in tensors if name not in expected]
         if missing:
-            differs("param_names", f"all {len(expected)} scored weights", f"missing {missing}")
+            differs("param_names", f"all {len(expected)} {what}", f"missing {missing}")
         if extra:
-            differs("param_names", f"only the {len(expected)} scored weights", f"extra {extra}")
-        for name, linear in expected.items():
-            if name in tensors and tensors[name].shape != linear.weight.shape:
-                differs(f"shape of {name}", tuple(linear.weight.shape), tuple(tensors[name].shape))
-    listed = json.loads(metadata.get("param_names", "[]"))
-    if sorted(listed) != sorted(tensors):
-        differs("param_names", f"the {len(tensors)} stored tensors", f"{len(listed)} listed names")
+            differs("param_names", f"only the {len(expected)} {what}", f"extra {extra}")
+        for name, shape in expected.items():
+            if name in tensors and tuple(tensors[name].shape) != shape:
+                differs(f"shape of {name}", shape, tuple(tensors[name].shape))
+    listed = json.loads(metadata.get("param_names", "[]"))  # the scored weights, in model order
+    names = [name + suffix for name in listed for suffix in KRONECKER_SUFFIXES] if kind == "kronecker" else listed
+    if sorted(names) != sorted(tensors):
+        differs("param_names", f"the {len(tensors)} stored tensors", f"{len(listed)} listed names"
+                + (f" ({len(names)} factors)" if kind == "kronecker" else ""))
     if problems:
         raise FisherMismatchError(f"{path}: Fisher does not match: " + "; ".join(problems))
-    return {name: tensors[name] for name in listed}  # model order, as computed
+    return {name: tensors[name] for name in names}  # model order, as computed

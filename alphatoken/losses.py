@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from alphatoken.data import IGNORE_INDEX
 
 
 def loss_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -192,3 +192,57 @@ def masked_dpo_loss(
     chosen_ratio = sequence_logps(chosen_loss, chosen_weights) - sequence_logps(ref_chosen_loss, chosen_weights)  # (B,)
     rejected_ratio = sequence_logps(rejected_loss, rejected_weights) - sequence_logps(ref_rejected_loss, rejected_weights)  # (B,)
     return dpo_loss(beta * (chosen_ratio - rejected_ratio), normalizer)
+
+
+def position_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position `KL(pi_ref || pi) = sum_v pi_ref(v) (log pi_ref(v) - log pi(v))` of the next-token
+    distributions at the loss positions (TDPO's sequential KL, Zeng et al. ICML 2024). logits,
+    ref_logits `[B, T, V]` (ref detached), labels `[B, T]` -> `[B, T-1]`, 0 where ignored."""
+    dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    logp = torch.log_softmax(logits[:, :-1].to(dtype), dim=-1)  # (B, T-1, V)
+    ref_logp = torch.log_softmax(ref_logits[:, :-1].detach().to(dtype), dim=-1)  # (B, T-1, V)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(dim=-1)  # (B, T-1)
+    return kl * loss_positions(labels)
+
+
+def tdpo_pair_losses(chosen_ratio, rejected_ratio, chosen_weights, rejected_weights, chosen_kl, rejected_kl,
+                     beta: float, alpha: float) -> torch.Tensor:
+    """TI-DPO's base loss per pair, TDPO2 with token weights (gracefulning/TIDPO trainers.py `tdpo_loss`
+    on `_weighted_tdpo_get_batch_logps`):
+    `-log sigmoid(beta * (sum_p w+_p r+_p - sum_p w-_p r-_p - alpha * (KL- - sg(KL+))))`,
+    r = log pi - log pi_ref per position, KL = sum_p KL_p (unweighted). Inputs `[B, T-1]` (0 off the
+    response; weights detached) -> `[B]`."""
+    chosen = (chosen_weights.detach().to(chosen_ratio.dtype) * chosen_ratio).sum(dim=1)  # (B,)
+    rejected = (rejected_weights.detach().to(rejected_ratio.dtype) * rejected_ratio).sum(dim=1)  # (B,)
+    z = chosen - rejected - alpha * (rejected_kl.sum(dim=1) - chosen_kl.sum(dim=1).detach())  # (B,)
+    return -F.logsigmoid(beta * z)
+
+
+def triplet_losses(anchor_ratio, anchor_valid, chosen_ratio, chosen_valid, rejected_ratio, rejected_valid,
+                   margin: float) -> torch.Tensor:
+    """TI-DPO's triplet term per pair (gracefulning/TIDPO trainers.py `_compute_triplet_loss`):
+    `ReLU(||a - c||^2 - ||a - r||^2 + margin)` over the per-token log-ratio vectors of the anchor a,
+    the chosen c and the rejected r response, each packed to its response tokens in order; a squared
+    distance sums over the positions both responses have (the first min(n_a, n_c) tokens). Each
+    ratio/valid pair `[B, T_x]` (any widths) -> `[B]`."""
+    rows = []
+    for b in range(anchor_ratio.shape[0]):
+        a = anchor_ratio[b][anchor_valid[b].bool()]  # (n_a,)
+        c = chosen_ratio[b][chosen_valid[b].bool()]  # (n_c,)
+        r = rejected_ratio[b][rejected_valid[b].bool()]  # (n_r,)
+        n_c, n_r = min(a.numel(), c.numel()), min(a.numel(), r.numel())
+        to_chosen = ((a[:n_c] - c[:n_c]) ** 2).sum()
+        to_rejected = ((a[:n_r] - r[:n_r]) ** 2).sum()
+        rows.append(F.relu(to_chosen - to_rejected + margin))
+    return torch.stack(rows)  # (B,)
+
+
+def selective_mean_losses(chosen_loss, rejected_loss, chosen_weights, rejected_weights) -> torch.Tensor:
+    """SePO's reference-free loss per pair (SteveKGYang/SePO utils_selective.py `SelectiveRRHFLoss`):
+    `-log sigmoid(mean_{S+} log pi(y+_p) - mean_{S-} log pi(y-_p))`, S the selected positions (weights
+    0/1, detached; an empty selection contributes a mean of 0). Inputs `[B, T-1]` -> `[B]`."""
+    def selected_mean(token_loss, weights):
+        weights = weights.detach().to(token_loss.dtype)
+        return -(weights * token_loss).sum(dim=1) / weights.sum(dim=1).clamp(min=1)  # (B,)
+
+    return -F.logsigmoid(selected_mean(chosen_loss, chosen_weights) - selected_mean(rejected_loss, rejected_weights))

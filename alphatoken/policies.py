@@ -12,7 +12,10 @@ weights `[B, T-1]` (0/1 masks, or soft weights), through one small interface, :c
   own per-example values computed once before the first update from the reference model over the
   whole training set (`Policy.precompute`: FLOW's weights, XTF's masks); `attention [B, T, T]`, the
   last decoder block's head-mean attention probabilities of this forward (`Policy.needs_attention`:
-  ssToken); `epoch_position [B]`, each row's position in the epoch's data order (ssToken's warm-up).
+  ssToken); `epoch_position [B]`, each row's position in the epoch's data order (ssToken's warm-up);
+  `importance [B, T-1]`, the gradient attribution of the token at each loss position computed on
+  this very step's weights (`Policy.needs_importance`: TI-DPO); `branch`, 0 for the chosen and 1 for
+  the rejected rows of a DPO micro-batch (SePO keeps the top of one and the bottom of the other).
 
 The step's normaliser K (the training loop divides the step's gradient by it) is the sum of the
 weights unless a policy says otherwise (`Policy.normalizer_share`: FLOW and TALR divide by the
@@ -66,6 +69,17 @@ class PolicyConfig:
     talr_weight_floor: float = 0.01  # TALR: weights max(p^(1/tau), floor)
     talr_normalize: str = "tokens"  # TALR: sum w l divided by the response "tokens", the "sequences", or the "weights" (sum w)
     flow_temperature: float | None = None  # FLOW: fixed temperature; None: the median per-example reference loss of the training set
+    tidpo_lambda: float = 0.7  # TI-DPO: w = lambda * normalised gradient importance + (1 - lambda) * Gaussian prior (paper Table B12)
+    tidpo_prior_sigma_div: float = 4.0  # TI-DPO: the prior's sigma = max(1, n / div) over a response of n tokens (paper: n/4; repo config 8)
+    tidpo_alpha: float = 0.5  # TI-DPO: weight of the TDPO2 sequential-KL term a (KL_r - sg(KL_c)) (paper Table B12)
+    tidpo_gamma: float = 0.1  # TI-DPO: weight of the triplet term (paper Table B12; 0 skips the anchor sampling)
+    tidpo_triplet_margin: float = 1e-3  # TI-DPO: margin of ReLU(||a - c||^2 - ||a - r||^2 + margin) (repo alpha_triplet)
+    tidpo_anchor_max_new_tokens: int = 64  # TI-DPO: tokens sampled for the anchor response (capped by max_length - prompt)
+    tidpo_anchor_temperature: float = 0.8  # TI-DPO: anchor sampling temperature (repo default)
+    tidpo_anchor_top_k: int = 50  # TI-DPO: anchor top-k (0: no top-k cut; repo default 50)
+    tidpo_anchor_top_p: float = 0.95  # TI-DPO: anchor nucleus mass (repo default)
+    sepo_ratio: float | None = 0.3  # SePO: share k of each response's tokens kept (source 0.3); None: the matched budget rho
+    sepo_rounding: str = "ceil"  # SePO: kept per response ceil(k N) (the project's budget rule) or "floor" (source int(k N))
 
     def __post_init__(self):
         owner = "PolicyConfig"
@@ -103,6 +117,17 @@ class PolicyConfig:
         check_number(owner, "talr_weight_floor", self.talr_weight_floor, 0.0, 1.0)
         check_choice(owner, "talr_normalize", self.talr_normalize, NORMALIZERS)
         check_number(owner, "flow_temperature", self.flow_temperature, 0.0, low_open=True, optional=True)
+        check_number(owner, "tidpo_lambda", self.tidpo_lambda, 0.0, 1.0)
+        check_number(owner, "tidpo_prior_sigma_div", self.tidpo_prior_sigma_div, 0.0, low_open=True)
+        check_number(owner, "tidpo_alpha", self.tidpo_alpha, 0.0)
+        check_number(owner, "tidpo_gamma", self.tidpo_gamma, 0.0)
+        check_number(owner, "tidpo_triplet_margin", self.tidpo_triplet_margin, 0.0)
+        check_int(owner, "tidpo_anchor_max_new_tokens", self.tidpo_anchor_max_new_tokens, 1)
+        check_number(owner, "tidpo_anchor_temperature", self.tidpo_anchor_temperature, 0.0, low_open=True)
+        check_int(owner, "tidpo_anchor_top_k", self.tidpo_anchor_top_k, 0)
+        check_number(owner, "tidpo_anchor_top_p", self.tidpo_anchor_top_p, 0.0, 1.0, low_open=True)
+        check_number(owner, "sepo_ratio", self.sepo_ratio, 0.0, 1.0, low_open=True, optional=True)
+        check_choice(owner, "sepo_rounding", self.sepo_rounding, ("ceil", "floor"))
         policy = POLICIES[self.name]
         if policy.adapter == "lora" and policy.needs_scores and self.lora_dropout != 0:
             raise ConfigError("lora_dropout", f"{self.lora_dropout}: policy {self.name!r} scores the LoRA factors, "
@@ -132,6 +157,8 @@ class TokenContext:
     precomputed: torch.Tensor | None = None  # (B, T-1) the policy's step-0 values of these examples (Policy.precompute), 0-padded
     attention: torch.Tensor | None = None  # (B, T, T) head-mean attention probabilities (query, key) of the last block, detached
     epoch_position: torch.Tensor | None = None  # (B,) int64 position of each row's example in this epoch's data order
+    importance: torch.Tensor | None = None  # (B, T-1) gradient attribution of the token at each loss position (TI-DPO)
+    branch: int | None = None  # DPO: 0 chosen rows, 1 rejected rows
 
 
 @dataclass
@@ -165,16 +192,25 @@ class Policy:
     needs_attention: bool = False  # needs ctx.attention, the last block's attention probabilities of the forward
     normalizer: object = None  # callable(PolicyConfig) -> one of NORMALIZERS; None: "weights"
     sft_only: bool = False  # an SFT method: refused by the DPO loop
+    needs_importance: bool = False  # needs ctx.importance, the gradient attribution of this step's weights (TI-DPO)
+    needs_token_rewards: bool = False  # DPO: needs per-token rewards of the training pairs given to the run (SePO), as ctx.precomputed
 
     def weights(self, ctx: TokenContext, config: PolicyConfig) -> torch.Tensor:
         if self.needs_scores and ctx.scores is None:
             raise ValueError(f"policy {self.name!r} needs token scores from the valuer")
         if self.needs_reference_loss and ctx.reference_loss is None:
             raise ValueError(f"policy {self.name!r} needs the reference model's per-token losses")
-        if self.precompute is not None and (ctx.precomputed is None or ctx.precomputed.shape != ctx.valid.shape):
+        if (self.precompute is not None or self.needs_token_rewards) and (ctx.precomputed is None or ctx.precomputed.shape != ctx.valid.shape):
             got = None if ctx.precomputed is None else tuple(ctx.precomputed.shape)
-            raise ValueError(f"policy {self.name!r} needs its step-0 values (Policy.precompute) as ctx.precomputed of "
+            what = "its step-0 values (Policy.precompute)" if self.precompute is not None else "the run's token rewards"
+            raise ValueError(f"policy {self.name!r} needs {what} as ctx.precomputed of "
                              f"shape {tuple(ctx.valid.shape)}, got {got}")
+        if self.needs_importance and (ctx.importance is None or ctx.importance.shape != ctx.valid.shape):
+            got = None if ctx.importance is None else tuple(ctx.importance.shape)
+            raise ValueError(f"policy {self.name!r} needs the gradient attribution of the tokens as ctx.importance of "
+                             f"shape {tuple(ctx.valid.shape)}, got {got}")
+        if self.needs_token_rewards and ctx.branch not in (0, 1):
+            raise ValueError(f"policy {self.name!r} needs ctx.branch (0: chosen rows, 1: rejected rows), got {ctx.branch!r}")
         if self.needs_attention:
             expected = (ctx.valid.shape[0], ctx.valid.shape[1] + 1, ctx.valid.shape[1] + 1)
             if ctx.attention is None or tuple(ctx.attention.shape) != expected:
@@ -361,6 +397,58 @@ def _flow_precompute(inputs: StepZeroInputs, config: PolicyConfig) -> list:
     return flow_example_weights(inputs.features, inputs.reference_losses, config.flow_temperature)
 
 
+def tidpo_weights(importance: torch.Tensor, valid: torch.Tensor, lam: float, sigma_div: float) -> torch.Tensor:
+    """TI-DPO's token weights, per row b over its n response positions (in order, i = 0..n-1):
+    `I = imp / sum imp` (the prior alone when sum imp = 0), `g_i = exp(-((i - (n-1)/2) / sigma)^2 / 2)`
+    normalised to sum 1 with `sigma = max(1, n / sigma_div)`, `w = n * (lam I + (1 - lam) g)`, i.e. mean 1
+    over the response; a row with n <= 1 gets weight 0 (as gracefulning/TIDPO trainers.py
+    `_compute_token_importance_weights`). importance, valid `(B, T-1)` -> `(B, T-1)` float64, 0 off the
+    response."""
+    valid = valid.bool()
+    weights = torch.zeros(valid.shape, dtype=torch.float64, device=valid.device)  # (B, T-1)
+    for b in range(valid.shape[0]):
+        positions = valid[b].nonzero().squeeze(1)  # (n,)
+        n = positions.numel()
+        if n <= 1:
+            continue
+        scores = importance[b, positions].detach().to(torch.float64).clamp(min=0)  # (n,)
+        index = torch.arange(n, dtype=torch.float64, device=valid.device)  # (n,)
+        sigma = max(1.0, n / sigma_div)
+        prior = torch.exp(-0.5 * ((index - (n - 1) / 2) / sigma) ** 2)  # (n,)
+        prior = prior / prior.sum()
+        mixed = prior if float(scores.sum()) <= 0 else lam * scores / scores.sum() + (1 - lam) * prior
+        weights[b, positions] = n * mixed / mixed.sum()
+    return weights
+
+
+def _tidpo(ctx, config):
+    return tidpo_weights(ctx.importance, ctx.valid, config.tidpo_lambda, config.tidpo_prior_sigma_div)
+
+
+def sepo_masks(rewards: torch.Tensor, valid: torch.Tensor, ratio: float, top: bool, rounding: str = "ceil") -> torch.Tensor:
+    """SePO's selection, per row (one response) over its N response positions: the `ceil(ratio N)`
+    (`rounding="floor"`: `int(ratio N)`, SteveKGYang/SePO token_score.py `get_topK`) positions with the
+    largest rewards (`top`, the chosen response) or the smallest (the rejected response), ties to the
+    earlier position (the source's repeated argmax / argmin). rewards, valid `(B, T-1)` -> bool `(B, T-1)`."""
+    valid = valid.bool()
+    mask = torch.zeros_like(valid)
+    for b in range(valid.shape[0]):
+        positions = valid[b].nonzero().squeeze(1)  # (N,)
+        n = positions.numel()
+        k = kept_count(n, ratio) if rounding == "ceil" else int(round(ratio * n, 9))
+        if n == 0 or k == 0:
+            continue
+        values = rewards[b, positions].detach().to(torch.float64)  # (N,)
+        order = torch.sort(-values if top else values, stable=True).indices  # best first, ties: earlier position
+        mask[b, positions[order[:k]]] = True
+    return mask
+
+
+def _sepo(ctx, config):
+    ratio = ctx.rho if config.sepo_ratio is None else config.sepo_ratio
+    return sepo_masks(ctx.precomputed, ctx.valid, ratio, top=ctx.branch == 0, rounding=config.sepo_rounding)
+
+
 _NO_PROXY = {"use_prx_dir": False, "use_prx_cau": False}
 _NO_TARGET = {"use_tgt_dir": False, "use_tgt_cau": False}
 
@@ -465,6 +553,31 @@ _register(Policy(
     "training set (or flow_temperature), not normalised; loss = sum_i w_i sum_t l_it / the step's response tokens.",
     needs_reference_loss=True, precompute=_flow_precompute, normalizer=lambda config: "tokens", sft_only=True,
 ))
+_register(Policy(
+    "tidpo", _tidpo,
+    "TI-DPO (Yang et al., 'Token-importance guided direct preference optimization', ICLR 2026), as "
+    "gracefulning/TIDPO trainers.py computes it: importance of a response token = L1 norm of the gradient of the "
+    "max logit at the sequence's last position with respect to that token's input embedding, on the current "
+    "weights each step; w = n (tidpo_lambda I / sum I + (1 - tidpo_lambda) Gaussian prior over the response "
+    "positions, mu = (n-1)/2, sigma = n / tidpo_prior_sigma_div), mean 1 over the response; base loss TDPO2 "
+    "-log sigmoid(dpo_beta (sum w logratio_c - sum w logratio_r - tidpo_alpha (KL_r - sg(KL_c)))), KL the summed "
+    "per-position KL(pi_ref || pi) over the response, plus tidpo_gamma ReLU(||a - c||^2 - ||a - r||^2 + "
+    "tidpo_triplet_margin) over the per-token log-ratio vectors of a policy-sampled anchor response a and the "
+    "chosen c and rejected r responses, aligned by response position (seeded sampling, "
+    "`alphatoken.policy_inputs.sample_anchor`). Needs the reference model in memory for the KL.",
+    dpo_form="tdpo", needs_importance=True,
+))
+_register(Policy(
+    "sepo", _sepo,
+    "SePO (Yang et al., 'Selective preference optimization via token-level reward function estimation', "
+    "EMNLP 2025), as SteveKGYang/SePO token_score.py (`get_topK`) and utils_selective.py (`SelectiveRRHFLoss`) "
+    "compute it: token rewards r_t = log pi_oracle(y_t) - log pi_ref(y_t) of an oracle DPO-trained against the "
+    "reference on a random subset (computed once before training: the pipeline's sepo_scores rule, "
+    "`alphatoken.train.token_rewards`); keep the top sepo_ratio of each chosen response's tokens by r and the "
+    "bottom sepo_ratio of each rejected response's (sepo_ratio null: rho); reference-free loss "
+    "-log sigmoid(mean_{S+} log pi(y+_t) - mean_{S-} log pi(y-_t)) (no beta: the source's loss has none).",
+    dpo_form="selective_mean", needs_token_rewards=True,
+))
 _register(Policy("lora", _keep_all, "LoRA (Hu et al., ICLR 2022): full-token training of low-rank adapters on the attention and MLP projections; the backbone is frozen.", adapter="lora"))
 _register(Policy(
     "alphatoken_lora", _top_total,
@@ -480,3 +593,18 @@ def get_policy(name: str) -> Policy:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
     return POLICIES[name]
 
+
+# Runs that are not token policies: made after (or around) training by rules of their own and
+# configured in their own parameter section, so they are never items of a run matrix (`train.methods`):
+# name (or name prefix, `wiseft` for `wiseft_a0.5`) -> where they are configured.
+DERIVED_RUNS = {
+    "wiseft": "wiseft.of and wiseft.alphas (Wise-FT: merges of a trained run with the base model, rows wiseft_a<alpha>)",
+}
+
+
+def derived_run(name: str) -> str | None:
+    """Where run `name` is configured when it is one of DERIVED_RUNS (`wiseft`, `wiseft_a0.5`), else None."""
+    for prefix, where in DERIVED_RUNS.items():
+        if name == prefix or name.startswith(prefix + "_"):
+            return where
+    return None

@@ -14,6 +14,7 @@ off the response); loss position `p` predicts token `t = p + 1`; per-example ste
 - `prompt_attention_mass`: ssToken's semantic score of each response token.
 - `flow_sequence_losses`, `flow_temperature`, `flow_example_weights`: FLOW's weights.
 - `received_attention`, `otsu_three_class_thresholds`, `domain_centroid`, `xtf_keep_masks`: XTF's mask.
+- `embedding_importance`, `sample_anchor`: TI-DPO's per-step token importance and its triplet anchor.
 """
 
 from __future__ import annotations
@@ -305,3 +306,70 @@ def xtf_keep_masks(model, tokenizer, features: list[dict], reference_losses: lis
         noise = low | known | irrelevant
         masks.append((response & ~noise).to(losses.dtype))  # (len-1,)
     return masks
+
+
+# ---------------------------------------------------------------------------------------------
+# TI-DPO: gradient attribution of the tokens and the sampled anchor response
+
+
+def embedding_importance(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """TI-DPO's token importance (gracefulning/TIDPO gradient_attribution.py
+    `compute_language_model_gradient_attribution_from_ids`): for each row, the target is the largest
+    logit at the row's last attended position, `max_v z[b, last_b, v]`, and the importance of position
+    t is the L1 norm over the hidden dimension of `d target / d e[b, t]`, e the input embeddings; eval
+    mode (as the source), one forward and one backward for the batch (rows do not interact), without
+    touching the parameters' gradients. input_ids, attention_mask `(B, T)` -> label-aligned `(B, T)`
+    float, detached, 0 on padding. Naive equivalent: per row, per position, perturb e[b, t] along each
+    hidden unit and difference the target (tested)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)  # (B, T, d)
+            logits = model(inputs_embeds=embeds, attention_mask=attention_mask).logits  # (B, T, V)
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)  # (B, T)
+            last = positions.masked_fill(~attention_mask.bool(), -1).amax(dim=1)  # (B,) last attended position
+            target = logits[torch.arange(input_ids.shape[0], device=input_ids.device), last].amax(dim=-1)  # (B,)
+            (grad,) = torch.autograd.grad(target.sum(), embeds)  # (B, T, d)
+    finally:
+        model.train(was_training)
+    return grad.detach().abs().sum(dim=-1) * attention_mask.to(grad.dtype)  # (B, T)
+
+
+@torch.no_grad()
+def sample_anchor(model, prompt: list[int], max_new_tokens: int, generator: torch.Generator, temperature: float,
+                  top_k: int, top_p: float, stop_ids: list[int]) -> list[int]:
+    """TI-DPO's anchor: one response sampled from `model` (the current policy) for `prompt`, as the
+    source's `model.generate(do_sample=True, top_k, top_p, temperature)` draws it: the next-token
+    logits restricted to the `top_k` largest (0: all), `softmax(logits / temperature)` cut to the
+    `top_p` nucleus (`alphatoken.fisher.sampling_log_probs`), one Gumbel-max draw per token from
+    `generator` (CPU, so the draw is the same on every device and a resumed run repeats it), until a
+    token of `stop_ids` (kept) or `max_new_tokens`. Eval mode, key/value cache. Returns the sampled
+    token ids (without the prompt)."""
+    from alphatoken.fisher import gumbel_noise, sampling_log_probs
+
+    was_training = model.training
+    model.eval()
+    device = model.get_input_embeddings().weight.device
+    sampled: list[int] = []
+    try:
+        ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, P)
+        past = None
+        for _ in range(max_new_tokens):
+            out = model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[:, -1].float().cpu()  # (1, V)
+            if not torch.isfinite(logits).any() or torch.isnan(logits).any():
+                raise FloatingPointError(f"non-finite next-token logits while sampling the TI-DPO anchor (after {len(sampled)} tokens)")
+            if 0 < top_k < logits.shape[-1]:
+                cut = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (1, 1) the k-th largest logit
+                logits = logits.masked_fill(logits < cut, float("-inf"))
+            logq = sampling_log_probs(logits, temperature, top_p)  # (1, V)
+            token = int(torch.argmax(logq[0] + gumbel_noise(logq.shape[-1], generator, "cpu")))
+            sampled.append(token)
+            if token in stop_ids:
+                break
+            ids = torch.tensor([[token]], dtype=torch.long, device=device)  # (1, 1) the cache holds the rest
+    finally:
+        model.train(was_training)
+    return sampled

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from alphatoken.eval.drift import greedy_response, kl_to_reference
+from alphatoken.eval.drift import kl_to_reference
+from alphatoken.eval.generation import greedy_response
 
 PROMPTS = ["Say hi.", "List three colours:"]
 MAX_NEW = 6

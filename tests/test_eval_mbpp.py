@@ -13,7 +13,6 @@ from alphatoken.eval.examples import read_per_example
 from alphatoken.eval.humaneval import extract_code, read_samples
 from alphatoken.eval.mbpp import (
     MBPPConfig,
-    check_program,
     evaluate_mbpp_samples,
     load_mbpp_problems,
     mbpp_data_file,

@@ -15,6 +15,7 @@ import yaml
 
 from alphatoken.eval import experiments
 from alphatoken.eval.report import ReportConfig, build_report
+from alphatoken.merge import row_name
 from alphatoken.stages import train as train_stage
 from alphatoken.stages.common import ParamsError
 
@@ -179,10 +180,13 @@ def test_experiment_overlay_opens_with_its_commands_and_builds_every_run(path):
     methods = config[section]["methods"]
     for method in methods:
         train_stage.read_train_config([PARAMS, path], section, "valuation", method, 0, "out")
+    merges = [row_name(alpha) for alpha in (config.get("wiseft") or {}).get("alphas", [])]  # report rows of Wise-FT
+    if merges:
+        assert section == "train" and config["wiseft"]["of"] in methods  # DVC trains the train.methods matrix only
     for setting, runs in (config["report"].get("sweeps") or {}).items():
-        assert set(runs) <= set(methods), setting
+        assert set(runs) <= set(methods) | set(merges), setting
     for pair in config["report"].get("pairs", []):
-        assert set(pair) <= set(methods)
+        assert set(pair) <= set(methods) | set(merges)
     unused = set(config[section].get("variants", {})) - set(methods)
     assert not unused, f"variants defined but not run: {unused}"
 

@@ -299,7 +299,7 @@ def test_bad_input_is_refused_with_its_position(tokenizer):
 
 @pytest.mark.parametrize("field, value", [
     ("last_k", 0), ("labels", "true"), ("temperature", 0.0), ("temperature", float("nan")), ("top_p", 0.0),
-    ("top_p", 1.5), ("max_new_tokens", 0), ("seed", -1), ("batch_size", 0), ("batch_size", 2.0),
+    ("top_p", 1.5), ("max_new_tokens", 0), ("seed", -1), ("batch_size", 0), ("batch_size", 2.0), ("kind", "block"),
 ])
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=rf"FisherConfig\.{field}"):
@@ -335,11 +335,13 @@ def test_save_load_round_trip_is_bit_exact(saved):
     assert meta["num_prompts"] == str(len(PROMPT_LENGTHS)) and meta["model_type"] == "llama"
     assert json.loads(meta["param_names"]) == list(scored_linears(model, 2))
     assert meta["num_params"] == "14" and meta["labels"] == '"sampled"' and float(meta["top_p"]) == 0.95
+    assert meta["kind"] == '"diagonal"'
     assert not path.with_name(path.name + ".partial").exists()
 
 
 @pytest.mark.parametrize("field, value", [
     ("seed", 6), ("temperature", 1.0), ("top_p", 1.0), ("max_new_tokens", 5), ("labels", "empirical"), ("last_k", 3),
+    ("kind", "kronecker"),
 ])
 def test_load_refuses_another_config(saved, field, value):
     model, cfg, _, path = saved

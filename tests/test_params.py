@@ -29,7 +29,7 @@ from alphatoken.policies import POLICIES, PolicyConfig
 from alphatoken.stages import build_corpus, prepare_data
 from alphatoken.stages import fisher as fisher_stage
 from alphatoken.stages import train as train_stage
-from alphatoken.stages.common import SCHEMA_PATH, ParamsError, Section, _merge, params_schema, read_section, to_config
+from alphatoken.stages.common import SCHEMA_PATH, ParamsError, Section, merge_params, params_schema, read_section, to_config
 from alphatoken.train.config import TrainConfig
 from alphatoken.valuation import ValuationConfig
 
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
 OVERLAYS = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "experiments").glob("*.yaml"))
 SECTIONS = ("model", "corpus", "data", "fisher", "valuation", "train", "eval", "report", "preference_data",
-            "warmstart", "dpo", "diagnostics")  # the sections a stage reads (routes and resources are read by the rules)
+            "warmstart", "dpo", "sepo", "diagnostics", "wiseft")  # the sections a stage reads (routes and resources are read by the rules)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,6 +51,9 @@ FLOAT_FIELDS = [  # (dataclass, field, other settings the check needs to be reac
     (PolicyConfig, "stm_ppl_threshold", {}), (PolicyConfig, "lora_alpha", {}), (PolicyConfig, "lora_dropout", {}),
     (PolicyConfig, "xtf_iqr_factor", {}), (PolicyConfig, "xtf_novelty_threshold", {}), (PolicyConfig, "sstoken_gamma", {}),
     (PolicyConfig, "talr_tau", {}), (PolicyConfig, "talr_weight_floor", {}), (PolicyConfig, "flow_temperature", {}),
+    (PolicyConfig, "tidpo_lambda", {}), (PolicyConfig, "tidpo_prior_sigma_div", {}), (PolicyConfig, "tidpo_alpha", {}),
+    (PolicyConfig, "tidpo_gamma", {}), (PolicyConfig, "tidpo_triplet_margin", {}), (PolicyConfig, "tidpo_anchor_temperature", {}),
+    (PolicyConfig, "tidpo_anchor_top_p", {}), (PolicyConfig, "sepo_ratio", {}),
     (FisherConfig, "temperature", {}), (FisherConfig, "top_p", {}),
 ]
 
@@ -166,7 +169,7 @@ def test_a_key_given_twice_in_a_parameter_file_is_refused(tmp_path):
 def _merged(*files: Path) -> dict:
     merged: dict = {}
     for f in files:
-        merged = _merge(merged, yaml.safe_load(f.read_text()) or {})
+        merged = merge_params(merged, yaml.safe_load(f.read_text()) or {})
     return merged
 
 
@@ -213,6 +216,8 @@ BAD_OVERLAYS = [
     ("resources:\n  trian: {threads: 1}\n", None, None),
     ("resources:\n  train: {thread: 1}\n", None, None),
     ("routes: [sft, rl]\n", None, None),
+    ("wiseft:\n  alphas: [0.5, 1.5]\n", "wiseft", ":2: wiseft.alphas[1]: expected a finite number in [0, 1], got 1.5"),
+    ("wiseft:\n  alphas: [0.5, 0.5]\n", "wiseft", ":2: wiseft.alphas: expected a list"),
 ]
 
 
@@ -258,6 +263,9 @@ def test_schema_lists_exactly_the_keys_the_stages_read():
     from alphatoken.eval.diagnostics import DiagnosticsConfig
 
     assert _schema_keys("diagnostics") == {f.name for f in dataclasses.fields(DiagnosticsConfig)} | {"run"}
+    from alphatoken.stages import wiseft as wiseft_module
+
+    assert _schema_keys("wiseft") == set(wiseft_module.OWN_KEYS) | set(wiseft_module.MATRIX_KEYS)
     pattern = params_schema()["properties"]["train"]["properties"]["methods"]["items"]["pattern"]
     assert all(re.fullmatch(pattern, name) for name in POLICIES)  # every policy can be listed as a method
 

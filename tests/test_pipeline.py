@@ -103,7 +103,7 @@ def smoke_diagnostics(smoke_repo) -> tuple[Path, float]:
 
 def table_rows(path: Path) -> list[str]:
     """Method names of a report table (Markdown), in order."""
-    return re.findall(r"^\| (\w+) \| \d+ \|", path.read_text(), re.M)
+    return re.findall(r"^\| ([\w.]+) \| \d+ \|", path.read_text(), re.M)  # wiseft_a0.5: a dot
 
 
 def test_smoke_dag_runs_end_to_end(smoke_repo):
@@ -203,7 +203,8 @@ def experiments_repo(smoke_repo, tmp_path_factory) -> Path:
     repo, _ = smoke_repo
     copy = tmp_path_factory.mktemp("experiments") / "repo"
     shutil.copytree(repo, copy, symlinks=True)
-    (copy / "configs" / "one_seed.yaml").write_text("train: {seeds: [0]}\ndpo: {seeds: [0]}\nless: {seeds: [0]}\n")
+    (copy / "configs" / "one_seed.yaml").write_text("train: {seeds: [0]}\ndpo: {seeds: [0]}\nless: {seeds: [0]}\n"
+                                                    "sepo: {seeds: [0]}\n")
     return copy
 
 
@@ -229,11 +230,17 @@ def test_experiment_config_runs_end_to_end_on_the_smoke_model(experiments_repo, 
     section = "train" if sft else "dpo"
     methods = config[section]["methods"]
     extra = ["less"] if sft and (config.get("less") or {}).get("enabled") else []  # runs outside the matrix
-    assert table_rows(out / "table.md") == [("base" if sft else "warmstart"), *methods, *extra]
     if extra:  # LESS: trained on its selection, evaluated, in the report
         manifest = json.loads((repo / "results/less/selection/manifest.json").read_text())
         assert manifest["counts"]["selected"] == len((repo / "results/less/selection/selection.jsonl").read_text().splitlines())
         assert (repo / "results/eval/less/less-0/metrics.json").is_file()
+    own_rules = ["sepo"] if not sft and (config.get("sepo") or {}).get("seeds") else []  # rows of --extra-run
+    alphas = (config.get("wiseft") or {}).get("alphas", [])  # Wise-FT merges of wiseft.of: rows after the trained runs
+    merges = [f"wiseft_a{alpha}" for alpha in alphas]
+    assert table_rows(out / "table.md") == [("base" if sft else "warmstart"), *methods, *extra, *merges, *own_rules]
+    for alpha in alphas:
+        record = json.loads((repo / "results" / "wiseft" / f"{alpha}-0" / "merge.json").read_text())
+        assert (record["alpha"], record["of"], record["seed"]) == (alpha, config["wiseft"]["of"], 0)
     comparisons = (out / "comparisons.md").read_text()
     for baseline in config["report"]["baselines"]:
         assert f"### Against {baseline}" in comparisons
@@ -242,7 +249,7 @@ def test_experiment_config_runs_end_to_end_on_the_smoke_model(experiments_repo, 
     if "sweeps" in config["report"]:
         rows = list(csv.DictReader(open(out / "sweeps.csv")))
         assert {r["sweep"] for r in rows} == set(config["report"]["sweeps"])
-        assert all(float(r["time"]) > 0 for r in rows)
+        assert all(float(r["time"]) > 0 for r in rows if r["method"] not in merges)  # a merge has no step time
         for sweep in config["report"]["sweeps"]:
             assert (out / f"sweep_{sweep}.png").stat().st_size > 0
     if any(v.get("realisation_every") for v in config[section].get("variants", {}).values()):

@@ -19,13 +19,12 @@ import yaml
 
 from alphatoken.models import build_tiny_model, load_model, ModelSpec, weights_fingerprint
 from alphatoken.stages import prepare_model
-from alphatoken.stages.common import ParamsError, read_section, to_config
+from alphatoken.stages.common import ParamsError, merge_params, read_section, to_config
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 sys.path.insert(0, str(REPO / "workflow" / "scripts"))
 import stagedeps  # noqa: E402
-import sync_dvc  # noqa: E402
 
 PIPELINE_FILES = ("Snakefile", "params.yaml", "dvc.yaml", "workflow", "profiles", "configs", "alphatoken")
 
@@ -54,15 +53,29 @@ def dvc_stages() -> dict:
 
 @pytest.fixture(scope="module")
 def both_routes_stages(tmp_path_factory) -> dict:
-    """The DVC stages of both routes (the smoke overlay, `routes: [sft, dpo]`) and of the runs outside the
-    matrix (`less.enabled`) as `sync_dvc.py --use` generates them in a scratch copy: dvc.yaml itself is
-    generated for the default route only."""
+    """The DVC stages of both routes (the smoke overlay, `routes: [sft, dpo]`), with the runs outside the
+    matrix on (SePO's own rules: `sepo.seeds`; LESS: `less.enabled`), as `sync_dvc.py --use` generates them
+    in a scratch copy: dvc.yaml itself is generated for the default route only."""
     repo = copy_pipeline(tmp_path_factory.mktemp("routes") / "repo")
     overlay = yaml.safe_load((repo / "configs/smoke.yaml").read_text())
     overlay.setdefault("less", {})["enabled"] = True
-    (repo / "configs/every_stage.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
-    result = subprocess.run([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--use", "configs/every_stage.yaml",
+    overlay["sepo"] = {"seeds": [0]}
+    path = repo / "configs" / "smoke_all_rules.yaml"
+    path.write_text(yaml.safe_dump(overlay, sort_keys=False))
+    result = subprocess.run([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--use", str(path),
                              "--root", str(repo)], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.fixture(scope="module")
+def baselines_stages(tmp_path_factory) -> dict:
+    """The DVC stages of configs/experiments/baselines.yaml, which turns Wise-FT on
+    (`wiseft.alphas`), as `sync_dvc.py --use` generates them: the default dvc.yaml has no merge."""
+    repo = copy_pipeline(tmp_path_factory.mktemp("baselines") / "repo")
+    result = subprocess.run([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--use",
+                             "configs/experiments/baselines.yaml", "--root", str(repo)],
+                            capture_output=True, text=True, timeout=120, cwd=repo)
     assert result.returncode == 0, result.stdout + result.stderr
     return yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
 
@@ -91,13 +104,14 @@ def test_sync_check_fails_on_a_stale_dvc_yaml(tmp_path):
     assert "stale" in result.stderr
 
 
-def test_stage_entry_points_match_dvc_stages(dvc_stages, both_routes_stages):
+def test_stage_entry_points_match_dvc_stages(dvc_stages, both_routes_stages, baselines_stages):
     """Every DVC stage runs its own entry point, reads exactly its params sections, and every stage
-    entry point in alphatoken/stages/ has a rule in one of the routes (nothing written and forgotten)."""
+    entry point in alphatoken/stages/ has a rule in one of the routes or in the baselines experiment,
+    where Wise-FT is on (nothing written and forgotten)."""
     entry_points = {p.stem for p in (REPO / "alphatoken/stages").glob("*.py")} - {"__init__", "common"}
     run = {}
     assert set(dvc_stages) <= set(both_routes_stages)
-    for name, stage in {**dvc_stages, **both_routes_stages}.items():
+    for name, stage in {**dvc_stages, **both_routes_stages, **baselines_stages}.items():
         module = re.match(r"python -m alphatoken\.stages\.(\w+) ", stage["cmd"]).group(1)
         sections = set(re.findall(r"--(?:[a-z]+-)?section (\w+)", stage["cmd"]))
         assert {p.split(".")[0] for p in stage["params"]} == sections, name
@@ -165,6 +179,112 @@ rule evaluate_variant:
     assert "rule evaluate_variant: wildcards ['variant'] are not run-matrix wildcards" in result.stderr
 
 
+# ---------------------------------------------------------------------------------------------
+# Wise-FT: merges after training, outside the run matrix (workflow/rules/wiseft.smk)
+
+WISEFT = "train:\n  seeds: [0]\nwiseft:\n  of: bottom\n  alphas: [0.5, 1.0]\n"
+
+
+def _job_counts(output: str) -> dict[str, int]:
+    """{rule: jobs} of a dry run's job table."""
+    table = output.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+def test_wiseft_dry_run_plans_the_merges_their_evaluations_and_report_rows(tmp_path):
+    """With wiseft.alphas, the dry run plans one merge and one evaluation per alpha x seed, trains the
+    run merged although it is not in train.methods, and passes each merge to the report by its row
+    name; with the default parameters there is no merge."""
+    overlay = tmp_path / "wiseft.yaml"
+    overlay.write_text(WISEFT)
+    result = snakemake(REPO, "-n", "-p", "--forceall", "--configfile", str(overlay))
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    counts = _job_counts(out)
+    assert (counts["wiseft"], counts["evaluate_wiseft"], counts["report"]) == (2, 2, 1), counts
+    assert counts["train"] == 4  # alphatoken, random, full, and bottom: the run merged
+    for alpha in ("0.5", "1.0"):
+        assert f"--run results/train/bottom-0 --alpha {alpha} --seed 0 --out results/wiseft/{alpha}-0 >" in out
+        assert f"--model results/wiseft/{alpha}-0/final --reference results/model --prompts results/data/val.jsonl" in out
+    assert "--out results/report --extra-run wiseft_a0.5 0 results/eval/wiseft/0.5-0 - --extra-run wiseft_a1.0 0 " \
+           "results/eval/wiseft/1.0-0 - >" in out
+    default = snakemake(REPO, "-n", "--forceall")
+    assert default.returncode == 0, default.stdout + default.stderr
+    assert not {"wiseft", "evaluate_wiseft"} & set(_job_counts(default.stdout))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("wiseft:\n  alphas: [0.5, 1]\n", "wiseft.alphas: alpha 1 is an integer: write it as a float (1.0)"),
+    ("wiseft:\n  of: fulll\n  alphas: [0.5]\n", "wiseft.of: 'fulll' is neither a token policy"),
+    ("train:\n  methods: [full, wiseft]\n", "train.methods: 'wiseft' is not a training run of train.methods: it is "
+                                            "configured in wiseft.of and wiseft.alphas"),
+], ids=["int alpha", "unknown run", "merge in methods"])
+def test_wiseft_settings_are_checked_before_any_job(tmp_path, text, message):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(text)
+    result = snakemake(REPO, "-n", "--configfile", str(overlay))
+    assert result.returncode != 0 and message in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_wiseft_stages_are_dvc_matrix_stages_only_where_enabled(dvc_stages, baselines_stages):
+    """dvc.yaml of the default parameters has no merge; generated from the baselines experiment, the
+    merge and its evaluation are DVC matrix stages over wiseft.alphas x train.seeds (only the merges'
+    settings are their params), and the report reads every merge by its row name."""
+    assert not {"wiseft", "evaluate_wiseft"} & set(dvc_stages)
+    stages = baselines_stages
+    merge, evaluate = stages["wiseft"], stages["evaluate_wiseft"]
+    assert merge["matrix"] == evaluate["matrix"] == {"alpha": "${wiseft.alphas}", "seed": "${train.seeds}"}
+    assert merge["cmd"].endswith("--model results/model --run results/train/full-${item.seed} --alpha ${item.alpha} "
+                                 "--seed ${item.seed} --out results/wiseft/${item.alpha}-${item.seed}")
+    assert merge["params"] == ["wiseft.dtype", "wiseft.of"]  # not the alphas: a new alpha reruns no merge
+    assert {"results/model", "results/train/full-${item.seed}", "alphatoken/merge.py"} <= set(merge["deps"])
+    assert merge["outs"] == ["results/wiseft/${item.alpha}-${item.seed}"]
+    assert "results/wiseft/${item.alpha}-${item.seed}" in evaluate["deps"]
+    assert evaluate["outs"] == ["results/eval/wiseft/${item.alpha}-${item.seed}"]
+    report = stages["report"]
+    assert "results/eval/wiseft" in report["deps"]
+    alphas = yaml.safe_load((REPO / "configs/experiments/baselines.yaml").read_text())["wiseft"]["alphas"]
+    runs = [(alpha, seed) for alpha in alphas for seed in (0, 1)]
+    assert "".join(f" --extra-run wiseft_a{a} {s} results/eval/wiseft/{a}-{s} -" for a, s in runs) in report["cmd"]
+
+
+def test_both_front_ends_name_a_merge_by_str_of_its_alpha(tmp_path):
+    """The merges Snakemake plans and the ones DVC expands from the generated matrix have the same
+    names and paths, including an alpha of 1.0 (str() of the float in both: `1.0`, never `1`)."""
+    repo = copy_pipeline(tmp_path / "repo")
+    (repo / "overlay.yaml").write_text("train:\n  methods: [alphatoken, full]\n  seeds: [0]\nwiseft:\n  of: full\n  alphas: [0.5, 1.0]\n")
+    dry = snakemake(repo, "-n", "--forceall", "--configfile", "overlay.yaml")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    planned = set(re.findall(r"^\s+output: (results/(?:eval/)?wiseft/\S+)$", dry.stdout, re.M))
+    expected = {f"results/{d}/{a}-0" for d in ("wiseft", "eval/wiseft") for a in ("0.5", "1.0")}
+    assert planned == expected, dry.stdout
+    for command in ([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--use", "overlay.yaml", "--root", str(repo)],
+                    [str(Path(sys.executable).with_name("dvc")), "init", "--no-scm", "-q"]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=repo)
+        assert result.returncode == 0, result.stdout + result.stderr
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        merges = {s.name: s for s in dvc_repo.index.stages if s.name.split("@")[0] in ("wiseft", "evaluate_wiseft")}
+        outs = {str(o.def_path) for s in merges.values() for o in s.outs}
+        commands = {name: s.cmd for name, s in merges.items()}
+    assert set(merges) == {f"{r}@{a}-0" for r in ("wiseft", "evaluate_wiseft") for a in ("0.5", "1.0")}
+    assert outs == expected
+    assert "--alpha 1.0 --seed 0 --out results/wiseft/1.0-0" in commands["wiseft@1.0-0"]
+
+
+def test_sync_dvc_names_a_merged_run_outside_the_train_matrix(tmp_path):
+    """Snakemake trains wiseft.of when train.methods lacks it; DVC's train matrix cannot, so the
+    generator refuses, saying what to add."""
+    repo = copy_pipeline(tmp_path / "repo")
+    (repo / "overlay.yaml").write_text(WISEFT)
+    result = subprocess.run([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--use", "overlay.yaml",
+                             "--root", str(repo)], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert result.returncode == 2
+    assert "rule train: jobs" in result.stderr and "('bottom', '0')" in result.stderr
+    assert "of train.methods, train.seeds: a run that another rule reads (wiseft.of" in result.stderr
+
+
 class _RepoModuleFinder(modulefinder.ModuleFinder):
     """modulefinder limited to the repo's `alphatoken` package (other imports are not followed)."""
 
@@ -181,10 +301,10 @@ def modulefinder_sources(module: str) -> set[str]:
     return {str(f.relative_to(REPO)) for f in files if f.is_relative_to(REPO / "alphatoken")}
 
 
-def test_stage_deps_are_the_import_closure(dvc_stages, both_routes_stages):
+def test_stage_deps_are_the_import_closure(dvc_stages, both_routes_stages, baselines_stages):
     """deps list every alphatoken file the stage imports (directly or not, also inside functions),
     as found by modulefinder; not only the stage script."""
-    for name, stage in {**dvc_stages, **both_routes_stages}.items():
+    for name, stage in {**dvc_stages, **both_routes_stages, **baselines_stages}.items():
         module = re.match(r"python -m (\S+) ", stage["cmd"]).group(1)
         expected = modulefinder_sources(module)
         listed = {d for d in stage["deps"] if d.startswith("alphatoken/")}
@@ -454,7 +574,7 @@ PAPER_CONFIGS = sorted((REPO / "configs").glob("paper-*.yaml"))
 def _merged(*files: Path) -> dict:
     merged: dict = {}
     for f in files:
-        merged = sync_dvc._merge(merged, yaml.safe_load(f.read_text()))
+        merged = merge_params(merged, yaml.safe_load(f.read_text()))
     return merged
 
 

@@ -116,7 +116,7 @@ def test_config_validation_and_registry():
         ctx.scores = None
         get_policy("alphatoken").weights(ctx, PolicyConfig())
     expected = {"alphatoken", "adaptation_only", "stability_only", "direct_only", "causal_only", "no_fisher", "random", "bottom", "full", "soft", "stm", "token_cleaning", "rho1", "confpo", "lora", "alphatoken_lora",
-                "xtf", "sstoken", "talr", "flow", "alphatoken_stratified"}
+                "xtf", "sstoken", "talr", "flow", "alphatoken_stratified", "tidpo", "sepo"}
     assert set(POLICIES) == expected
     for policy in POLICIES.values():
         assert policy.doc

@@ -17,14 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-
-def _prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
-    """(1, P) prompt token ids: the chat template with the generation prompt when there is one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
-    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+from alphatoken.eval.generation import greedy_response
 
 
 def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
@@ -35,25 +28,6 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     log_p = F.log_softmax(logits.double(), dim=-1)  # (..., V)
     log_q = F.log_softmax(ref_logits.double(), dim=-1)  # (..., V)
     return (log_p.exp() * (log_p - log_q)).sum(-1)  # (...)
-
-
-@torch.no_grad()
-def greedy_response(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[torch.Tensor, int]:
-    """(1, P + n) ids of prompt + greedy response, and P. The response stops after EOS."""
-    device = next(model.parameters()).device
-    prompt_ids = _prompt_ids(tokenizer, prompt).to(device)  # (1, P)
-    sequence = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=torch.ones_like(prompt_ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )  # (1, P + n'), n' <= max_new_tokens
-    response = sequence[0, prompt_ids.shape[1]:]  # (n',)
-    eos = (response == tokenizer.eos_token_id).nonzero()
-    n = int(eos[0]) + 1 if len(eos) else len(response)  # keep EOS, drop anything after it
-    return sequence[:, : prompt_ids.shape[1] + n], prompt_ids.shape[1]
 
 
 @torch.no_grad()

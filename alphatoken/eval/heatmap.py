@@ -91,8 +91,8 @@ def score_heatmap(model_dir: str | Path, fisher_path: str | Path, reference_dir:
     """HTML heatmap of the token values of the first `n` `examples` that fit `max_length` tokens.
 
     The valuer scores the model in `model_dir` against the validation batch built from `val_examples`,
-    with the proxy P = F * (W - W_ref): F = the Fisher at `fisher_path` (checked against the reference
-    model) and W_ref = the reference model's scored weights. The validation examples are encoded as
+    with the proxy P = F * (W - W_ref) (a Kronecker Fisher: S (W - W_ref) A): F = the Fisher at
+    `fisher_path` (checked against the reference model) and W_ref = the reference model's scored weights. The validation examples are encoded as
     the training loop encodes its validation batch: a response longer than `max_length` is truncated,
     an example whose prompt leaves no room for a response token is dropped. Training examples that do
     not fit whole (or cannot train) are skipped. Every truncation, drop and skip is counted by reason

@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alphatoken.eval import sandbox as sandboxing
+from alphatoken.eval.generation import greedy_response
 from alphatoken.eval.sandbox import MODES, run_in_sandbox
 
 INSTRUCTION = (
@@ -160,24 +161,12 @@ def generate_humaneval_samples(
     problems = problems if problems is not None else load_problems(limit)
     if limit is not None:
         problems = dict(list(problems.items())[:limit])
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     samples = []
     for task_id, problem in tqdm(problems.items(), desc="HumanEval generation"):
-        messages = [{"role": "user", "content": instruction.format(prompt=problem["prompt"])}]
-        prompt_ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"].to(device)  # (1, T)
-        output = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=torch.ones_like(prompt_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )  # (1, T + new)
-        answer = tokenizer.decode(output[0, prompt_ids.shape[1]:], skip_special_tokens=True)
+        ids, prompt_len = greedy_response(model, tokenizer, instruction.format(prompt=problem["prompt"]), max_new_tokens)
+        answer = tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True)
         completion = completion_from_code(extract_code(answer), problem)
         samples.append({"task_id": task_id, "completion": completion, "raw": answer})
     model.train(was_training)

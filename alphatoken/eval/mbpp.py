@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from alphatoken.eval.drift import greedy_response
+from alphatoken.eval.generation import greedy_response
 from alphatoken.eval.examples import write_per_example
 from alphatoken.eval.humaneval import extract_code, write_samples
 from alphatoken.eval.sandbox import MODES as SANDBOX_MODES

@@ -17,7 +17,8 @@ loglikelihood request, `likelihood.encode_continuation`).
 
 Sign. A gradient step on token t alone moves the weights by dW = -eta g_t. To first order it changes
 J_ret by -eta <g_t, G_ret> = -eta oracle(t), and the Fisher retention penalty
-R(W) = 1/2 sum F (W - W_ref)^2 (the quadratic model of KL(p_ref || p_W) whose gradient is P) by
+R(W) = 1/2 sum F (W - W_ref)^2 (the quadratic model of KL(p_ref || p_W) whose gradient is P; with a
+Kronecker Fisher R(W) = 1/2 tr((W - W_ref)^T S (W - W_ref) A), gradient P = S (W - W_ref) A) by
 -eta <g_t, P> = -eta proxy(t). Both scores are therefore positive exactly when token t's step lowers
 the retention loss (oracle) or pulls the weights back toward the reference in the Fisher metric
 (proxy): "this token's gradient step preserves retention". No sign is flipped anywhere; lambda

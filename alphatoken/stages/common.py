@@ -21,7 +21,7 @@ import platform
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -73,12 +73,12 @@ def _node_lines(node: yaml.Node, path: str, filename: str, out: dict) -> None:
             _node_lines(value_node, child, filename, out)
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_params(base: dict, over: dict) -> dict:
     """Snakemake's config layering: nested mappings merge, other values are replaced."""
     merged = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_params(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -100,7 +100,7 @@ def read_section(files: list[str | Path], name: str) -> Section:
         lines: dict = {}
         if node is not None:
             _node_lines(node, "", str(file), lines)
-        values = _merge(values, data)
+        values = merge_params(values, data)
         where.update(lines)
     if name not in values:
         raise ParamsError(f"{', '.join(map(str, files))}: no section {name!r} (sections: {sorted(values)})")
@@ -313,7 +313,7 @@ def cpu_threads(files: list[str | Path], rule: str) -> int:
     """The CPU threads of `rule` (`resources.<rule>.threads` in the parameter files, default 1)."""
     merged: dict = {}
     for file in files:
-        merged = _merge(merged, yaml.safe_load(Path(file).read_text()) or {})
+        merged = merge_params(merged, yaml.safe_load(Path(file).read_text()) or {})
     return int(((merged.get("resources") or {}).get(rule) or {}).get("threads", 1))
 
 
@@ -343,7 +343,7 @@ def write_json(path: str | Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Exit with a one-line error a person can act on (Snakemake then names the rule and its log)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
@@ -353,7 +353,7 @@ def gpus_requested(files: list[str | Path], rule: str) -> int:
     """GPUs of `rule` (`resources.<rule>.gpu` in the parameter files, default 0)."""
     merged: dict = {}
     for file in files:
-        merged = _merge(merged, yaml.safe_load(Path(file).read_text()) or {})
+        merged = merge_params(merged, yaml.safe_load(Path(file).read_text()) or {})
     return int(((merged.get("resources") or {}).get(rule) or {}).get("gpu", 0) or 0)
 
 

@@ -1,5 +1,6 @@
-"""Stage fisher: the Monte-Carlo diagonal Fisher of the scored weights at the reference model,
-over the Fisher hold-out prompts; cached as safetensors with its provenance in the metadata.
+"""Stage fisher: the Monte-Carlo Fisher of the scored weights at the reference model, over the
+Fisher hold-out prompts (diagonal, or the Kronecker factors with `fisher.kind: kronecker`); cached
+as safetensors with its provenance in the metadata.
 
     python -m alphatoken.stages.fisher --params params.yaml --section fisher --model results/model \
         --prompts results/data/fisher.jsonl --out results/fisher.safetensors --summary results/fisher.json

@@ -20,9 +20,9 @@ import sys
 from alphatoken.blocks import decoder_blocks, scored_linears
 from alphatoken.checkpoint import RunMismatchError
 from alphatoken.data import DataError, read_split
-from alphatoken.fisher import FisherConfig, FisherMismatchError, FisherPrompts, load_fisher
+from alphatoken.fisher import FisherConfig, FisherMismatchError, FisherPrompts, fisher_parameter_names, load_fisher
 from alphatoken.models import ModelSpec, load_model
-from alphatoken.policies import POLICIES, SECTION_RUNS, PolicyConfig, get_policy
+from alphatoken.policies import POLICIES, SECTION_RUNS, PolicyConfig, derived_run, get_policy
 from alphatoken.stages.common import (
     ParamsError, Section, fail, gpus_requested, init_distributed, log_run_environment, read_section,
     relaunch_under_torchrun, split_section, stage_parser, to_config,
@@ -31,6 +31,7 @@ from alphatoken.stages.fisher import OWN_KEYS as FISHER_OWN_KEYS
 from alphatoken.stages.fisher import encode_fisher_prompts
 from alphatoken.train import TrainConfig, train_dpo, train_sft
 from alphatoken.train.reference import ReferenceMismatchError
+from alphatoken.train.token_rewards import TokenRewardsMismatchError
 from alphatoken.valuation import ValuationConfig
 
 MATRIX_KEYS = ("methods", "seeds")  # which runs exist: the rule's wildcards, not settings of one run
@@ -44,15 +45,24 @@ def resolve_run(section: Section, valuation: Section, method: str) -> tuple[str,
     `alphatoken.policies` with the sections as they are, or a variant `section.variants.<method>`
     (`{policy: NAME, <keys of the section>..., valuation: {<valuation keys>...}}`) whose values replace
     the section's and the valuation's, located at the variant's lines. The run section comes back
-    without `variants`."""
+    without `variants`. The name of a run made by other rules (`alphatoken.policies.DERIVED_RUNS`, e.g.
+    `wiseft_a0.5`, and `SECTION_RUNS`, e.g. `less`) is refused, naming the section that configures it."""
     if method in SECTION_RUNS:
         raise ParamsError(f"{section.locate('methods')}: {method!r} is not a token policy but a run with rules of its "
                           f"own, configured in its section: {SECTION_RUNS[method]}")
+    derived = derived_run(method)
+    if derived is not None:
+        raise ParamsError(f"{section.locate('methods')}: {method!r} is not a training run of {section.name}.methods: "
+                          f"it is configured in {derived}")
     variants = section.values.get(VARIANTS_KEY) or {}
     values = {k: v for k, v in section.values.items() if k != VARIANTS_KEY}
     if method in variants and method in POLICIES:
         raise ParamsError(f"{section.locate(f'{VARIANTS_KEY}.{method}')}: {method!r} is a token policy's name; "
                           "give the variant another name")
+    if method in (section.values.get("methods") or []) and method in POLICIES and POLICIES[method].needs_token_rewards:
+        raise ParamsError(f"{section.locate('methods')}: {method!r} is not a run of the {section.name} matrix: it needs "
+                          "its oracle's per-token rewards; set sepo.seeds instead (its own rules: sepo_oracle, "
+                          "sepo_scores, train_sepo)")
     if method not in variants:
         if method not in POLICIES:
             raise ParamsError(f"{section.locate('methods')}: {method!r} is neither a token policy "
@@ -149,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fisher-section", default="fisher", help="section of the Fisher settings (with --fisher-prompts)")
     parser.add_argument("--reference-logps", help="reference log-probs of --model on the training data (ref_logps "
                         "stage); without it the run computes them itself")
+    parser.add_argument("--token-rewards", help="per-token rewards of the training pairs (sepo_scores stage); read by "
+                        "the policies that select by them (sepo)")
     parser.add_argument("--realisation-data", help="held-out target examples (JSONL, never trained on, never in G): "
                         "the probes of the value-realisation record (train.realisation_every)")
     parser.add_argument("--seed", type=int, default=0)
@@ -192,7 +204,11 @@ def main(argv: list[str] | None = None) -> None:
         except (FisherMismatchError, FileNotFoundError) as err:
             fail(f"{err} (the Fisher must be computed on --model in the same dtype: set fisher.dtype = "
                  f"{args.section}.dtype, then rerun the fisher rule)")
-        missing = [name for name in scored_linears(model, valuation.last_k) if name not in fisher]
+        try:
+            covered = set(fisher_parameter_names(fisher))  # a diagonal Fisher or the factors of a Kronecker one
+        except ValueError as err:
+            fail(f"{args.fisher}: {err}")
+        missing = [name for name in scored_linears(model, valuation.last_k) if name not in covered]
         if missing:
             fail(f"{args.valuation_section}.last_k={valuation.last_k} scores weights the Fisher lacks ({missing[0]}, ...): "
                  "raise fisher.last_k to at least valuation.last_k and rerun the fisher rule")
@@ -216,6 +232,14 @@ def main(argv: list[str] | None = None) -> None:
         realisation = {"realisation_data": held_out[:n]}
         print(f"[train] value realisation every {config.realisation_every} steps on {len(val)} validation and "
               f"{len(realisation['realisation_data'])} held-out examples of {args.realisation_data}")
+    if policy.needs_token_rewards:
+        if args.objective != "dpo" or not args.token_rewards:
+            fail(f"policy {args.method!r} selects tokens by the oracle's per-token rewards: run it with --objective dpo "
+                 "and --token-rewards (the sepo_scores rule's file); it is configured in the sepo section, not in "
+                 f"{args.section}.methods")
+        realisation = {**realisation, "token_rewards": args.token_rewards}
+    elif args.token_rewards:
+        fail(f"--token-rewards: policy {args.method!r} does not select by per-token rewards")
     run = train_dpo if args.objective == "dpo" else train_sft
     try:
         # reference=None: the proxy's W_ref are the weights at step 0, i.e. --model, which load_fisher
@@ -227,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     except FisherMismatchError as err:
         fail(f"{err} (the Fisher cached in {args.out} belongs to other step-0 weights or Fisher settings: "
              "delete that run directory to start over)")
+    except TokenRewardsMismatchError as err:
+        fail(f"{err} (rerun the sepo_scores rule)")
     except (ReferenceMismatchError, FileNotFoundError) as err:
         fail(f"{err} (rerun the ref_logps rule)" if args.reference_logps else str(err))
     except ValueError as err:

@@ -39,6 +39,7 @@ restarts the run from step 0, with a warning.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -63,21 +64,27 @@ from alphatoken.checkpoint import (
     write_run_identity,
 )
 from alphatoken.losses import (
+    IGNORE_INDEX,
     alpha_dpo_loss,
     dpo_logit,
     dpo_loss,
     dpo_weight,
     loss_positions,
     masked_dpo_loss,
+    position_kl,
+    selective_mean_losses,
+    tdpo_pair_losses,
     token_nll,
+    triplet_losses,
 )
 from alphatoken.policies import StepZeroInputs, TokenContext, get_policy, scores_to_loss_positions
-from alphatoken.policy_inputs import AttentionCapture
+from alphatoken.policy_inputs import AttentionCapture, embedding_importance, sample_anchor
 from alphatoken.train.config import TrainConfig
 from alphatoken.train.data import as_batch, collate, collate_pairs, encode_dataset, pad_token_id
 from alphatoken.train.reference import (
     batch_sha256, features_sha256, load_reference_logps, reference_sequence_logps, reference_token_losses,
 )
+from alphatoken.train.token_rewards import load_token_rewards
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +336,7 @@ def _flatten(prefix: str, values: dict) -> dict:
 
 def _run_identity(objective: str, config: TrainConfig, policy, vcfg, model, features: list, val_batch: dict | None, pad_id: int,
                   world: int, device, fisher, reference, reference_model, reference_logps, fisher_prompts,
-                  uses_reference_losses: bool) -> dict:
+                  uses_reference_losses: bool, token_rewards=None) -> dict:
     """Everything that changes the result of the run, as JSON values: the TrainConfig fields except
     RESULT_NEUTRAL_FIELDS (the valuation config and `val_refresh_every` only for the policies that score
     tokens, `dpo_beta` only for DPO), the step-0 weights (`weights_fingerprint`) and architecture, the
@@ -371,12 +378,15 @@ def _run_identity(objective: str, config: TrainConfig, policy, vcfg, model, feat
         "fisher_prompts": hold_out,
         "reference": tensor_digest(reference) if reference is not None and policy.needs_scores else None,
         "reference_model": (weights_fingerprint(reference_model)
-                            if uses_reference_losses and reference_logps is None and reference_model is not None else None),
+                            if reference_model is not None and ((uses_reference_losses and reference_logps is None)
+                                                                or policy.dpo_form == "tdpo") else None),
         "reference_logps": file_sha256(reference_logps) if uses_reference_losses and reference_logps is not None else None,
         "version.alphatoken": __version__,
         "version.torch": torch.__version__,
         "version.transformers": transformers.__version__,
     })
+    if token_rewards is not None:  # only then: the identities of the other runs stay as they were
+        identity["token_rewards"] = file_sha256(token_rewards)
     return json.loads(json.dumps(identity, default=str))  # tuples -> lists, as read back from the file
 
 
@@ -480,12 +490,61 @@ def _dpo_objective(beta: float, ref_logps: torch.Tensor):
     return objective
 
 
+def _anchor_log_ratios(model, ref_net, batch: dict, b: int, pcfg, max_length: int, pad_id: int, generator: torch.Generator,
+                       stop_ids: list[int], autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """TI-DPO's anchors for the b pairs of a micro-batch: one response per prompt sampled from the current
+    policy (`sample_anchor`, rows in order from one seeded generator, at most
+    min(tidpo_anchor_max_new_tokens, max_length - prompt) tokens), then its per-token log-ratio
+    `log pi - log pi_ref` (graph through the policy). Returns `(b, T_a - 1)` ratios and loss positions."""
+    labels = batch["labels"]
+    anchors = []
+    for row in range(b):  # the chosen rows hold the prompts
+        response = (labels[row] != IGNORE_INDEX).nonzero()
+        start = int(response[0]) if response.numel() else int(batch["attention_mask"][row].sum())
+        prompt = batch["input_ids"][row, :start].tolist()
+        budget = min(pcfg.tidpo_anchor_max_new_tokens, max_length - len(prompt))
+        sampled = sample_anchor(model, prompt, budget, generator, pcfg.tidpo_anchor_temperature, pcfg.tidpo_anchor_top_k,
+                                pcfg.tidpo_anchor_top_p, stop_ids) if budget > 0 else []
+        anchors.append({"input_ids": prompt + sampled, "labels": [IGNORE_INDEX] * len(prompt) + sampled})
+    anchor = _to(collate(anchors, pad_id), batch["input_ids"].device)
+    with autocast:
+        logits = model(input_ids=anchor["input_ids"], attention_mask=anchor["attention_mask"]).logits  # (b, T_a, V)
+        with torch.no_grad():
+            ref_logits = ref_net(input_ids=anchor["input_ids"], attention_mask=anchor["attention_mask"]).logits
+    policy_loss = token_nll(logits, anchor["labels"])  # (b, T_a - 1)
+    ratio = token_nll(ref_logits, anchor["labels"]).to(policy_loss.dtype) - policy_loss
+    return ratio, loss_positions(anchor["labels"])
+
+
+def _tidpo_loss_sum(model, ref_net, batch: dict, logits: torch.Tensor, token_loss: torch.Tensor, weights: list, pcfg,
+                    config: TrainConfig, pad_id: int, generator: torch.Generator, stop_ids: list[int], autocast) -> torch.Tensor:
+    """TI-DPO's loss of one micro-batch of b pairs, summed over them (the loop divides by the step's
+    pairs): TDPO2 on the weighted log-ratios against the reference model `ref_net` (`tdpo_pair_losses`;
+    the per-position KL from its full next-token distributions) plus tidpo_gamma times the triplet
+    term with a sampled anchor (`triplet_losses`)."""
+    b = batch["input_ids"].shape[0] // 2
+    labels = batch["labels"]
+    with torch.no_grad(), autocast:
+        ref_logits = ref_net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2b, T, V)
+    ratio = token_nll(ref_logits, labels).to(token_loss.dtype) - token_loss  # (2b, T-1) log pi - log pi_ref, graph
+    kl = position_kl(logits, ref_logits, labels).to(token_loss.dtype)  # (2b, T-1)
+    pair = tdpo_pair_losses(ratio[:b], ratio[b:], weights[0], weights[1], kl[:b], kl[b:], config.dpo_beta, pcfg.tidpo_alpha)  # (b,)
+    if pcfg.tidpo_gamma > 0:
+        valid = loss_positions(labels)  # (2b, T-1)
+        anchor_ratio, anchor_valid = _anchor_log_ratios(model, ref_net, batch, b, pcfg, config.max_length, pad_id, generator,
+                                                        stop_ids, autocast)
+        pair = pair + pcfg.tidpo_gamma * triplet_losses(anchor_ratio, anchor_valid, ratio[:b], valid[:b], ratio[b:], valid[b:],
+                                                        pcfg.tidpo_triplet_margin)
+    return pair.sum()
+
+
 def train_sft(model, tokenizer, train_examples, val_batch, config: TrainConfig, fisher=None, reference=None, reference_model=None, out_dir=None,
               reference_logps=None, fisher_prompts=None, realisation_data=None) -> TrainResult:
     """Token-masked SFT (Alpha-SFT, Eq. 13) with the configured policy; `full` is standard SFT
     (the warm-start). `val_batch`: a batch dict or a list of examples (only used by policies that need
-    token values). `fisher` / `reference`: diagonal Fisher and reference weights for the retention
-    proxy (param name -> tensor); with a Fisher and no reference, the weights at step 0 are the reference.
+    token values). `fisher` / `reference`: Fisher (diagonal, or Kronecker factors; `alphatoken.fisher`)
+    and reference weights for the retention proxy (tensor name -> tensor); with a Fisher and no
+    reference, the weights at step 0 are the reference.
     `reference_model`: the model whose per-token losses reference-based policies (STM, Token Cleaning,
     Rho-1) compare against; default the model itself before training. `reference_logps`: a file of
     those losses (`alphatoken.train.reference`), loaded instead of computing them.
@@ -501,7 +560,7 @@ def train_sft(model, tokenizer, train_examples, val_batch, config: TrainConfig, 
 
 
 def train_dpo(model, tokenizer, train_pairs, val_pairs, config: TrainConfig, fisher=None, reference=None, reference_model=None, out_dir=None,
-              reference_logps=None, fisher_prompts=None) -> TrainResult:
+              reference_logps=None, fisher_prompts=None, token_rewards=None) -> TrainResult:
     """Token-masked DPO (Alpha-DPO, Eq. 14; plain DPO with `full`; ConfPO's masked logit with
     `confpo`). The DPO reference model is `reference_model`, default the model itself before training
     (the warm-start checkpoint). Its per-token log-probs of the pairs (and the validation pairs'
@@ -509,13 +568,16 @@ def train_dpo(model, tokenizer, train_pairs, val_pairs, config: TrainConfig, fis
     `alphatoken.train.reference.save_reference_logps` for this model, data, max_length and
     micro_batch_size (checked; the pipeline's ref_logps stage), or else are computed here before the
     first update and cached in the output dir (`reference_losses.pt`) for resuming; both give the same
-    values bit for bit. `fisher`, `reference`, `fisher_prompts` as in `train_sft`."""
+    values bit for bit. `fisher`, `reference`, `fisher_prompts` as in `train_sft`. TI-DPO (`tidpo`) keeps
+    the reference model in memory (a frozen copy of `model` before any update when `reference_model` is
+    None) for its per-position KL and its anchors' log-ratios. `token_rewards`: a file of per-token
+    rewards of `train_pairs` (`alphatoken.train.token_rewards`), which SePO (`sepo`) selects by."""
     return _train("dpo", model, tokenizer, train_pairs, val_pairs, config, fisher, reference, reference_model, out_dir,
-                  reference_logps, fisher_prompts)
+                  reference_logps, fisher_prompts, token_rewards=token_rewards)
 
 
 def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig, fisher, reference, reference_model, out_dir,
-           reference_logps=None, fisher_prompts=None, realisation_data=None) -> TrainResult:
+           reference_logps=None, fisher_prompts=None, realisation_data=None, token_rewards=None) -> TrainResult:
     preference = objective == "dpo"
     if config.realisation_every and preference:
         raise ValueError("realisation_every: the value-realisation record is defined for SFT (mean token loss probes); "
@@ -525,8 +587,13 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
     out = Path(out_dir or config.output_dir)
     rank, world = _dist_info()
     policy, pcfg = get_policy(config.policy.name), config.policy
-    if policy.dpo_form == "masked_logit" and not preference:
+    if policy.dpo_form != "alpha" and not preference:
         raise ValueError(f"policy {policy.name!r} is a preference-optimisation policy; use train_dpo")
+    if policy.needs_token_rewards and token_rewards is None:
+        raise ValueError(f"policy {policy.name!r} selects tokens by per-token rewards: pass token_rewards (a file of "
+                         "alphatoken.train.token_rewards.save_token_rewards; the pipeline's sepo_scores rule)")
+    if token_rewards is not None and not policy.needs_token_rewards:
+        raise ValueError(f"token_rewards: policy {policy.name!r} does not use per-token rewards")
     if policy.sft_only and preference:
         raise ValueError(f"policy {policy.name!r} is an SFT method; use train_sft")
     device = next(model.parameters()).device
@@ -555,7 +622,8 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
     identity = None
     if rank == 0:  # `model` still holds the step-0 weights
         identity = _run_identity(objective, config, policy, vcfg, model, features, val_batch, pad_id, world, device, fisher,
-                                 reference, reference_model, reference_logps, fisher_prompts, uses_reference_losses)
+                                 reference, reference_model, reference_logps, fisher_prompts, uses_reference_losses,
+                                 token_rewards)
     run = _RunDirectory(out, identity, rank, world, device)
     run.open()
 
@@ -584,8 +652,20 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
         saved = run.step0_value(REFERENCE_LOSSES, load_losses, compute_losses, lambda path, value: atomic_torch_save(value, path))
         ref_losses, ref_val = saved["train"], saved.get("val")
 
-    # ---- the policy's own step-0 values (FLOW's weights, XTF's masks): once, from the reference model
+    # ---- TI-DPO: the frozen reference model in memory (full next-token distributions for the KL term)
+    ref_net, stop_ids = None, []
+    if policy.dpo_form == "tdpo":
+        from alphatoken.fisher import stop_token_ids
+
+        ref_net = reference_model if reference_model is not None else copy.deepcopy(model)  # step-0 weights
+        ref_net.eval().requires_grad_(False)
+        stop_ids = stop_token_ids(model, tokenizer)
+
+    # ---- the policy's own step-0 values (FLOW's weights, XTF's masks): once, from the reference model;
+    # SePO's token rewards: from the given file, checked against the data
     policy_values = None
+    if policy.needs_token_rewards:
+        policy_values = load_token_rewards(token_rewards, features)
     if policy.precompute is not None:
         inputs = StepZeroInputs(reference_model if reference_model is not None else model, tokenizer, features, ref_losses,
                                 pad_id, device, config.micro_batch_size)
@@ -729,6 +809,10 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                     batch = _to(collate_pairs([features[i] for i in chunk], pad_id), device)
                 else:
                     batch = _to(collate([features[i] for i in chunk], pad_id), device)
+                importance = None
+                if policy.needs_importance:  # TI-DPO: on this step's weights, before the training forward
+                    with autocast:
+                        importance = embedding_importance(model, batch["input_ids"], batch["attention_mask"])  # (2b, T)
                 capture = valuer.capture(share_head=True) if valuer is not None else contextlib.nullcontext()
                 if attention_capture is not None:
                     attention_capture.reset()
@@ -750,13 +834,23 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                     if valuer is not None:
                         scale = torch.cat([omega, -omega]).to(token_loss.dtype)  # (2b,) +omega chosen, -omega rejected
                         scores = valuer.score_captured(batch, token_loss, example_scale=scale, components=False)  # label-aligned (2b, T)
+                    values = None
+                    if policy_values is not None:  # SePO's token rewards, per branch
+                        values = _pad_rows([policy_values[i]["chosen"] for i in chunk] + [policy_values[i]["rejected"] for i in chunk], width, token_loss)  # (2b, T-1)
                     weights = []
                     for branch, rows in enumerate((slice(0, b), slice(b, 2 * b))):  # separate top-rho per branch
                         branch_scores = scores_to_loss_positions(scores, rows) if scores is not None else None
-                        ctx = TokenContext(valid[rows], token_loss[rows].detach(), rho, branch_scores, ref[rows], _policy_generator(config.seed, step, micro_index, branch))
+                        ctx = TokenContext(valid[rows], token_loss[rows].detach(), rho, branch_scores, ref[rows], _policy_generator(config.seed, step, micro_index, branch),
+                                           precomputed=values[rows] if values is not None else None,
+                                           importance=importance[rows, 1:] if importance is not None else None, branch=branch)
                         weights.append(policy.weights(ctx, pcfg))
                     if policy.dpo_form == "masked_logit":
                         loss_sum = masked_dpo_loss(token_loss[:b], token_loss[b:], ref[:b], ref[b:], weights[0], weights[1], config.dpo_beta, normalizer=1.0)
+                    elif policy.dpo_form == "tdpo":
+                        loss_sum = _tidpo_loss_sum(model, ref_net, batch, logits, token_loss, weights, pcfg, config, pad_id,
+                                                   _policy_generator(config.seed, step, micro_index, 2), stop_ids, autocast)
+                    elif policy.dpo_form == "selective_mean":
+                        loss_sum = selective_mean_losses(token_loss[:b], token_loss[b:], weights[0], weights[1]).sum()
                     else:
                         loss_sum = alpha_dpo_loss(token_loss[:b], token_loss[b:], weights[0], weights[1], omega, normalizer=1.0)
                     kept = weights[0].sum() + weights[1].sum()

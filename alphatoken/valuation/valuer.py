@@ -2,7 +2,7 @@
 proxy (METHOD.md). Usage::
 
     valuer = TokenValuer(model, ValuationConfig(), fisher=fisher, reference=reference)
-    valuer.set_validation(val_batch)       # G on the current weights, P = F * (W - W_ref)
+    valuer.set_validation(val_batch)       # G on the current weights, P = F * (W - W_ref) (or S (W - W_ref) A)
     scores = valuer.score(batch)           # TokenScores, each (B, T), aligned with labels
 
     with valuer.capture():                 # inside a training step: observe the ordinary forward
@@ -18,6 +18,11 @@ proxy (METHOD.md). Usage::
 The naive equivalent of `score` (tests/bruteforce.py) materialises, for every position p, the
 per-position weight gradient e_p (x) x_p of every scored weight and Frobenius-dots it with G and P;
 here only activations, errors and attention probabilities of the last K blocks are used.
+
+The proxy direction P_W of a scored weight is F_W * (W - W_ref) with a diagonal Fisher, and
+S_W (W - W_ref) A_W with a Kronecker-factored one (`alphatoken.fisher`, kind "kronecker": the
+factors `name.kfac_A`, `name.kfac_S`); either way it is one (d_out, d_in) matrix, contracted with
+x_p and e_p like G, so nothing downstream of `refresh_proxy` depends on the Fisher's kind.
 
 LoRA: on a peft-wrapped model the scored weights are the adapter factors (`alphatoken.blocks`), and
 everything above applies to them as to any linear (x, e of `lora_A` and of `lora_B`; G, F, P and
@@ -37,6 +42,7 @@ import torch
 from torch import nn
 
 from alphatoken.blocks import decoder_blocks, is_lora_layer, lora_factors, scored_blocks, scored_linears
+from alphatoken.fisher import fisher_entries
 from alphatoken.valuation.attention import register_attention
 from alphatoken.valuation.config import TokenScores, ValuationConfig
 from alphatoken.valuation.scores import (
@@ -128,7 +134,9 @@ class TokenValuer:
 
     fisher, reference: dicts `parameter name -> tensor` (names of `model.named_parameters()`),
     needed for every scored weight (the LoRA factors of a peft-wrapped model); either `None` makes
-    the proxy zero."""
+    the proxy zero. `fisher` is a diagonal Fisher (a tensor shaped like each weight) or a Kronecker
+    one (`name.kfac_A` (d_in, d_in) and `name.kfac_S` (d_out, d_out) per weight), as
+    `alphatoken.fisher.compute_fisher` / `load_fisher` return them; a mix of both is refused."""
 
     def __init__(self, model: nn.Module, config: ValuationConfig, fisher: dict | None = None, reference: dict | None = None):
         self.model = model
@@ -160,7 +168,7 @@ class TokenValuer:
                     self.value_weight[name] = idx
                 if id(linear) in factor_maps:
                     self.value_maps[name] = factor_maps[id(linear)]
-        self.fisher = self._check_param_dict(fisher, "fisher")
+        self.fisher_kind, self.fisher = self._check_fisher(fisher)
         self.reference = self._check_param_dict(reference, "reference")
         self._target: dict[str, TargetDirection] | None = None
         self._proxy: dict[str, torch.Tensor] | None = None
@@ -169,6 +177,15 @@ class TokenValuer:
         self._head_grad: torch.Tensor | None = None  # (B, T, d) g_p = d l_p / d u_p, from its scoring
         register_attention()
         self.refresh_proxy()
+
+    def _check_fisher(self, fisher: dict | None) -> tuple[str | None, dict | None]:
+        """(kind, {name: F} or {name: (A, S)}) of every scored weight, detached; (None, None) without."""
+        if fisher is None:
+            return None, None
+        kind, entries = fisher_entries(fisher, self.linears)
+        if kind == "kronecker":
+            return kind, {name: (a.detach(), s.detach()) for name, (a, s) in entries.items()}
+        return kind, {name: f.detach() for name, f in entries.items()}
 
     def _check_param_dict(self, tensors: dict | None, what: str) -> dict | None:
         if tensors is None:
@@ -186,7 +203,8 @@ class TokenValuer:
 
     # ---------------------------------------------------------------- directions
     def refresh_proxy(self) -> None:
-        """P_W = F_W * (W - W_ref) for every scored weight, on the current weights (None without fisher/reference)."""
+        """P_W for every scored weight, on the current weights (None without fisher/reference):
+        F_W * (W - W_ref) (diagonal Fisher) or S_W (W - W_ref) A_W (Kronecker factors)."""
         if self.fisher is None or self.reference is None:
             self._proxy = None
             return
@@ -194,7 +212,12 @@ class TokenValuer:
         self._proxy = {}
         for name, linear in self.linears.items():
             w = linear.weight.detach().to(cd)
-            self._proxy[name] = self.fisher[name].to(w.device, cd) * (w - self.reference[name].to(w.device, cd))  # (d_out, d_in)
+            drift = w - self.reference[name].to(w.device, cd)  # (d_out, d_in)
+            if self.fisher_kind == "kronecker":
+                a, s = self.fisher[name]  # (d_in, d_in), (d_out, d_out)
+                self._proxy[name] = s.to(w.device, cd) @ drift @ a.to(w.device, cd)  # (d_out, d_in)
+            else:
+                self._proxy[name] = self.fisher[name].to(w.device, cd) * drift  # (d_out, d_in)
 
     def set_validation(
         self,

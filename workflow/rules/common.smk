@@ -82,6 +82,13 @@ def rule_resources(rule_name):
     return requests
 
 
+# Local scheduling: a ready training job (both cores on the CPU default) goes before a ready evaluation
+# (one core), so the evaluations run side by side after the trainings instead of leaving a core idle
+# next to each one while the next training waits for both cores. No effect on what runs or on SLURM,
+# where every ready job is submitted at once.
+TRAIN_PRIORITY = 1
+
+
 def rule_threads(rule_name):
     """Local cores of a rule (also --cpus-per-task for CPU rules on SLURM)."""
     return int(config["resources"].get(rule_name, {}).get("threads", 1))
@@ -93,6 +100,7 @@ wildcard_constraints:
     seed="[0-9]+",
     dpo_method="[a-z0-9_]+",
     dpo_seed="[0-9]+",
+    sepo_seed="[0-9]+",
 
 
 def matrix_values(wildcard):
@@ -104,18 +112,42 @@ def matrix_values(wildcard):
     if not isinstance(values, list) or not values:
         raise WorkflowError(f"{section}.{key} must be a non-empty list (the {wildcard}s to run), got {values!r}")
     if key == "methods":
-        from alphatoken.policies import POLICIES, SECTION_RUNS
+        from alphatoken.policies import POLICIES, SECTION_RUNS, derived_run
 
         elsewhere = [m for m in values if m in SECTION_RUNS]
         if elsewhere:
             raise WorkflowError(f"{section}.{key}: {elsewhere} are not token policies but runs with rules of their own, "
                                 f"configured in their sections: " + "; ".join(SECTION_RUNS[m] for m in elsewhere))
+        derived = [(m, derived_run(m)) for m in values if derived_run(m)]
+        if derived:
+            raise WorkflowError(f"{section}.{key}: {derived[0][0]!r} is not a training run of {section}.{key}: it is "
+                                f"configured in {derived[0][1]}")
         variants = config[section].get("variants") or {}
+        own_rules = [m for m in values if m in OWN_RULE_METHODS and m not in variants]
+        if own_rules:
+            raise WorkflowError(f"{section}.{key}: {own_rules[0]!r} is not a run of the {section} matrix: "
+                                f"{OWN_RULE_METHODS[own_rules[0]]}")
         unknown = [m for m in values if m not in POLICIES and m not in variants]
         if unknown:
             raise WorkflowError(f"{section}.{key}: {unknown} are neither token policies ({sorted(POLICIES)}) nor "
                                 f"variants of {section}.variants ({sorted(variants)})")
     return values
+
+
+# Methods with rules of their own (an extra input every run of a matrix does not share), configured
+# in their own section rather than in a `methods` list.
+OWN_RULE_METHODS = {
+    "sepo": "SePO needs its oracle DPO run and token rewards: set sepo.seeds (rules sepo_subset, sepo_oracle, "
+            "sepo_scores, train_sepo, evaluate_sepo; report row `sepo`)",
+}
+
+
+def sepo_seeds():
+    """The seeds of the SePO runs (`sepo.seeds`; empty: SePO is off)."""
+    seeds = (config.get("sepo") or {}).get("seeds") or []
+    if not isinstance(seeds, list):
+        raise WorkflowError(f"sepo.seeds must be a list of seeds (empty: SePO off), got {seeds!r}")
+    return seeds if "dpo" in routes() else []
 
 
 def matrix_params(*wildcards):
@@ -206,3 +238,47 @@ def routes():
     if not isinstance(chosen, list) or not chosen or set(chosen) - set(ROUTES):
         raise WorkflowError(f"routes: expected a non-empty list of {list(ROUTES)}, got {chosen!r}")
     return chosen
+
+
+# Wise-FT merges after training (workflow/rules/wiseft.smk): alpha x seed, off while wiseft.alphas is [].
+# An alpha's text in paths and row names is Python's str() of the float, which is what DVC writes for
+# ${item.alpha} too: alphas are floats (1.0, not 1), checked here (alphatoken.merge.alpha_tag) and by the stage.
+WISEFT_MERGE = "results/wiseft/{alpha}-{seed}"
+WISEFT_EVAL = "results/eval/wiseft/{alpha}-{seed}"
+
+
+def wiseft_alphas():
+    """wiseft.alphas ([] when off), checked: floats in [0, 1] whose str() names the merge; when there are
+    any, wiseft.of must be a token policy or a variant of train.variants."""
+    from alphatoken.merge import MergeError, alpha_tag
+
+    alphas = config["wiseft"].get("alphas") or []
+    for alpha in alphas:
+        try:
+            alpha_tag(alpha)
+        except MergeError as err:
+            raise WorkflowError(f"wiseft.alphas: {err}")
+    of = config["wiseft"].get("of")
+    if alphas:
+        from alphatoken.policies import POLICIES, derived_run
+
+        variants = config["train"].get("variants") or {}
+        if derived_run(str(of)) or (of not in POLICIES and of not in variants):
+            raise WorkflowError(f"wiseft.of: {of!r} is neither a token policy ({sorted(POLICIES)}) nor a variant of "
+                                f"train.variants ({sorted(variants)}): name the trained run to merge")
+    return alphas
+
+
+def wiseft_runs(pattern):
+    """`pattern` (WISEFT_MERGE or WISEFT_EVAL) for every alpha x seed; [] when wiseft.alphas is empty."""
+    alphas = wiseft_alphas()
+    return expand(pattern, alpha=alphas, seed=matrix_values("seed")) if alphas else []
+
+
+def wiseft_extra_runs():
+    """The report's --extra-run arguments of the merges: row wiseft_a<alpha>, seed, its evaluation, and
+    `-` for the run directory (a merge has no training curves or step times)."""
+    from alphatoken.merge import row_name
+
+    return "".join(f" --extra-run {row_name(alpha)} {seed} {WISEFT_EVAL.format(alpha=alpha, seed=seed)} -"
+                   for alpha in wiseft_alphas() for seed in matrix_values("seed"))

@@ -1,7 +1,8 @@
 # The DPO route (params.yaml `routes: [..., dpo]`): warm-start SFT on the target corpus (policy
 # `full`), the Fisher of the warm-started model (the DPO reference) and its log-probabilities of the
 # DPO pairs (ref_logps, once for all runs), then one token-masked DPO run per dpo.methods x dpo.seeds
-# from it, evaluated against it, and their report.
+# from it, evaluated against it, and their report; with sepo.seeds, SePO's oracle, token rewards and
+# runs (rules sepo_*, train_sepo, evaluate_sepo), reported as row `sepo`.
 
 # The dpo keys the reference log-probs depend on (KEYS of alphatoken/stages/ref_logps.py; checked by
 # tests/test_pipeline_dag.py): a run setting such as dpo.rho or dpo.lr does not recompute them.
@@ -136,6 +137,7 @@ rule train_dpo:
     benchmark:
         "benchmarks/train_dpo/{dpo_method}-{dpo_seed}.tsv"
     threads: rule_threads("train_dpo")
+    priority: TRAIN_PRIORITY
     resources:
         **rule_resources("train_dpo"),
     conda:
@@ -199,12 +201,159 @@ rule evaluate_dpo:
         )
 
 
+# SePO (params.yaml `sepo:`, off while sepo.seeds is empty): its oracle is a DPO run of its own on a
+# seeded random subset of the pairs, whose per-token rewards select the tokens of every SePO run; so
+# SePO is not an item of dpo.methods (whose runs all share one command and inputs) but these rules,
+# its runs reported as row `sepo` (--extra-run).
+SEPO_SUBSET_KEYS = ("oracle_fraction", "oracle_seed")
+
+
+rule sepo_subset:
+    input:
+        code=stage_code("sepo"),
+        train=rules.prepare_preference.output.train,
+    output:
+        train="results/dpo/sepo/oracle_train.jsonl",
+    params:
+        sepo={k: v for k, v in (config.get("sepo") or {}).items() if k in SEPO_SUBSET_KEYS},
+    log:
+        "logs/sepo_subset.log",
+    benchmark:
+        "benchmarks/sepo_subset.tsv"
+    threads: rule_threads("sepo_subset")
+    resources:
+        **rule_resources("sepo_subset"),
+    conda:
+        ENV
+    shell:
+        stage("sepo", "sepo", "subset --train-data {input.train} --out {output.train}")
+
+
+rule sepo_oracle:
+    input:
+        code=stage_code("train"),
+        run=rules.warmstart_sft.output.run,
+        train=rules.sepo_subset.output.train,
+        val=rules.prepare_preference.output.val,
+    output:
+        run=directory("results/dpo/sepo/oracle"),
+    params:
+        dpo=run_params("dpo"),
+        valuation=config["valuation"],  # (sepo.oracle_seed, its --seed, reruns it through its subset)
+    log:
+        "logs/sepo_oracle.log",
+    benchmark:
+        "benchmarks/sepo_oracle.tsv"
+    threads: rule_threads("sepo_oracle")
+    resources:
+        **rule_resources("sepo_oracle"),
+    conda:
+        ENV
+    shell:
+        stage(
+            "train",
+            "dpo",
+            "--valuation-section valuation --objective dpo --rule sepo_oracle --method full "
+            f"--seed {(config.get('sepo') or {}).get('oracle_seed', 0)} "
+            "--model {input.run}/final --train-data {input.train} --val-data {input.val} --out {output.run}",
+        )
+
+
+rule sepo_scores:
+    input:
+        code=stage_code("sepo"),
+        oracle=rules.sepo_oracle.output.run,
+        run=rules.warmstart_sft.output.run,
+        train=rules.prepare_preference.output.train,
+    output:
+        rewards="results/dpo/sepo/token_rewards.safetensors",
+    params:
+        dpo={k: v for k, v in config["dpo"].items() if k in REF_LOGPS_KEYS},
+    log:
+        "logs/sepo_scores.log",
+    benchmark:
+        "benchmarks/sepo_scores.tsv"
+    threads: rule_threads("sepo_scores")
+    resources:
+        **rule_resources("sepo_scores"),
+    conda:
+        ENV
+    shell:
+        stage(
+            "sepo",
+            "dpo",
+            "scores --oracle {input.oracle}/final --model {input.run}/final "
+            "--train-data {input.train} --out {output.rewards}",
+        )
+
+
+rule train_sepo:
+    input:
+        code=stage_code("train"),
+        run=rules.warmstart_sft.output.run,
+        train=rules.prepare_preference.output.train,
+        val=rules.prepare_preference.output.val,
+        rewards=rules.sepo_scores.output.rewards,
+        ref_logps=rules.ref_logps.output.ref_logps,
+    output:
+        run=directory("results/dpo/sepo/train/{sepo_seed}"),
+    params:
+        dpo=run_params("dpo"),
+        valuation=config["valuation"],
+    log:
+        "logs/train_sepo/{sepo_seed}.log",
+    benchmark:
+        "benchmarks/train_sepo/{sepo_seed}.tsv"
+    threads: rule_threads("train_sepo")
+    resources:
+        **rule_resources("train_sepo"),
+    conda:
+        ENV
+    shell:
+        stage(
+            "train",
+            "dpo",
+            "--valuation-section valuation --objective dpo --rule train_sepo --method sepo --seed {wildcards.sepo_seed} "
+            "--model {input.run}/final --train-data {input.train} --val-data {input.val} "
+            "--reference-logps {input.ref_logps} --token-rewards {input.rewards} --out {output.run}",
+        )
+
+
+rule evaluate_sepo:
+    input:
+        code=stage_code("evaluate"),
+        run=rules.train_sepo.output.run,
+        reference=rules.warmstart_sft.output.run,
+        prompts=rules.prepare_data.output.val,
+    output:
+        eval=directory("results/dpo/eval/sepo/{sepo_seed}"),
+    params:
+        eval=config["eval"],
+    log:
+        "logs/evaluate_sepo/{sepo_seed}.log",
+    benchmark:
+        "benchmarks/evaluate_sepo/{sepo_seed}.tsv"
+    threads: rule_threads("evaluate_sepo")
+    resources:
+        **rule_resources("evaluate_sepo"),
+    conda:
+        ENV
+    shell:
+        stage(
+            "evaluate",
+            "eval",
+            "--model {input.run}/final --reference {input.reference}/final --prompts {input.prompts} --out {output.eval}",
+        )
+
+
 rule report_dpo:
     input:
         code=stage_code("report"),
         base=rules.evaluate_warmstart.output.eval,
         evals=all_runs(rules.evaluate_dpo.output.eval),
         runs=all_runs(rules.train_dpo.output.run),
+        sepo_evals=expand(rules.evaluate_sepo.output.eval, sepo_seed=sepo_seeds()),
+        sepo_runs=expand(rules.train_sepo.output.run, sepo_seed=sepo_seeds()),
     output:
         table=f"{report_dir('dpo')}/table.md",
         table_csv=f"{report_dir('dpo')}/table.csv",
@@ -233,5 +382,6 @@ rule report_dpo:
             "report",
             "report",
             "--runs-section dpo --base {input.base} --evals results/dpo/eval/runs --train results/dpo/train "
-            f"--out {report_dir('dpo')} --base-name warmstart",
+            f"--out {report_dir('dpo')} --base-name warmstart"
+            + "".join(f" --extra-run sepo {s} results/dpo/eval/sepo/{s} results/dpo/sepo/train/{s}" for s in sepo_seeds()),
         )

@@ -1,5 +1,5 @@
 # Evaluation (a GPU rule): the base model once (the reference row of the table) and every run;
-# then the report over all runs.
+# then the report over all runs (and the Wise-FT merges of workflow/rules/wiseft.smk).
 
 
 rule evaluate_base:
@@ -61,6 +61,7 @@ rule report:
         runs=all_runs(rules.train.output.run),
         extra_evals=[eval_dir for _, _, eval_dir, _ in EXTRA_RUNS],  # runs outside the matrix (less)
         extra_runs=[run_dir for _, _, _, run_dir in EXTRA_RUNS if run_dir != "-"],
+        wiseft=wiseft_runs(WISEFT_EVAL),  # the Wise-FT merges (workflow/rules/wiseft.smk), rows wiseft_a<alpha>
     output:
         table=f"{report_dir()}/table.md",
         table_csv=f"{report_dir()}/table.csv",
@@ -89,7 +90,7 @@ rule report:
             "report",
             "report",
             "--runs-section train --base {input.base} --evals results/eval/runs --train results/train "
-            f"--out {report_dir()}{extra_run_args()}",
+            f"--out {report_dir()}{extra_run_args()}{wiseft_extra_runs()}",
         )
 
 

@@ -24,6 +24,7 @@ rule train:
     benchmark:
         "benchmarks/train/{method}-{seed}.tsv"
     threads: rule_threads("train")
+    priority: TRAIN_PRIORITY
     resources:
         **rule_resources("train"),
     conda:

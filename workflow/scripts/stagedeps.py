@@ -21,6 +21,8 @@ MATRIX = {
     "method": ("train", "methods"), "seed": ("train", "seeds"),  # SFT route
     "dpo_method": ("dpo", "methods"), "dpo_seed": ("dpo", "seeds"),  # DPO route
     "less_seed": ("less", "seeds"),  # LESS runs (less.enabled), trained on its selection
+    "sepo_seed": ("sepo", "seeds"),  # SePO on the DPO route (its own rules: workflow/rules/dpo.smk)
+    "alpha": ("wiseft", "alphas"),  # Wise-FT merges (x seed), workflow/rules/wiseft.smk
 }
 
 

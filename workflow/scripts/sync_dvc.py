@@ -40,6 +40,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stagedeps import MATRIX  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's package, not an installed one
+from alphatoken.stages.common import merge_params  # noqa: E402  (the stages' own layering of parameter files)
+
 ROOT = Path(__file__).resolve().parents[2]
 # Stage modules whose outputs hold their own resumable checkpoint (the training runs): DVC deletes a
 # stage's outputs before running it unless they are `persist: true`, and then a preempted or killed
@@ -113,7 +116,10 @@ def _matrix(rule, jobs: list, config: dict) -> dict:
     expected = {tuple(str(v) for v in combo) for combo in product(*lists)}
     scheduled = {tuple(str(j.wildcards_dict[w]) for w in names) for j in jobs}
     if scheduled != expected:
-        raise RuleDeclarationError(f"rule {rule.name}: jobs {sorted(scheduled)} are not the matrix {sorted(expected)}")
+        raise RuleDeclarationError(
+            f"rule {rule.name}: jobs {sorted(scheduled)} are not the matrix {sorted(expected)} of "
+            f"{', '.join('.'.join(MATRIX[w]) for w in names)}: a run that another rule reads (wiseft.of, "
+            "diagnostics.run) must be in those lists for dvc.yaml")
     return {w: "${%s.%s}" % MATRIX[w] for w in names}
 
 
@@ -200,14 +206,6 @@ def snakemake_stages(root: Path = ROOT) -> tuple[dict, dict]:
     return stages, {k: v for k, v in extra.items() if v}
 
 
-def _merge(base: dict, over: dict) -> dict:
-    """Snakemake's config layering: nested mappings merge, other values are replaced."""
-    merged = dict(base)
-    for key, value in over.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
-
-
 def render(stages: dict, extra: dict) -> str:
     return HEADER + yaml.safe_dump({"stages": stages, **extra}, sort_keys=False, width=200)
 
@@ -220,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.use:
         params = args.root / "params.yaml"
-        merged = _merge(yaml.safe_load(params.read_text()), yaml.safe_load(args.use.read_text()) or {})
+        merged = merge_params(yaml.safe_load(params.read_text()), yaml.safe_load(args.use.read_text()) or {})
         params.write_text(f"# params.yaml with {args.use} merged in (workflow/scripts/sync_dvc.py --use)\n"
                           + yaml.safe_dump(merged, sort_keys=False, width=200))
     target = args.root / "dvc.yaml"
