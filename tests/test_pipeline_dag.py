@@ -68,6 +68,18 @@ def both_routes_stages(tmp_path_factory) -> dict:
     return yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
 
 
+def test_dvc_yaml_of_the_dpo_route_alone_has_no_sft_diagnostics(tmp_path):
+    """`sync_dvc.py --use configs/experiments/dpo.yaml` (`routes: [dpo]`) writes the DPO route's stages
+    and leaves out the diagnostics, which diagnose an SFT run the route does not train."""
+    repo = copy_pipeline(tmp_path / "repo")
+    result = subprocess.run([sys.executable, str(REPO / "workflow/scripts/sync_dvc.py"), "--use",
+                             "configs/experiments/dpo.yaml", "--root", str(repo)],
+                            capture_output=True, text=True, timeout=300, cwd=repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    assert {"train_dpo", "report_dpo"} <= set(stages) and not {"proxy_oracle", "attention_deviation", "train"} & set(stages)
+
+
 @pytest.fixture(scope="module")
 def baselines_stages(tmp_path_factory) -> dict:
     """The DVC stages of configs/experiments/baselines.yaml, which turns Wise-FT on

@@ -153,7 +153,10 @@ def snakemake_stages(root: Path = ROOT) -> tuple[dict, dict]:
     with SnakemakeApi(OutputSettings(quiet={Quietness.ALL, Quietness.PROGRESS, Quietness.RULES,
                                             Quietness.HOST, Quietness.REASON})) as api:
         workflow_api = api.workflow(resource_settings=ResourceSettings(), snakefile=root / "Snakefile", workdir=root)
-        workflow_api.dag(DAGSettings(forceall=True, targets=frozenset((DEFAULT_TARGET, *ON_DEMAND_RULES))))
+        # the diagnostics diagnose an SFT run: without the SFT route there is none to diagnose
+        routes = (yaml.safe_load((root / "params.yaml").read_text()) or {}).get("routes", ["sft"])
+        on_demand = ON_DEMAND_RULES if "sft" in routes else ()
+        workflow_api.dag(DAGSettings(forceall=True, targets=frozenset((DEFAULT_TARGET, *on_demand))))
         workflow = workflow_api._workflow
         workflow._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True, nolock=True)
         workflow._build_dag()
