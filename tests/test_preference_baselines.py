@@ -36,6 +36,8 @@ from alphatoken.train.data import pad_token_id
 from alphatoken.train.loop import _epoch_order, _policy_generator
 from alphatoken.train.token_rewards import TokenRewardsMismatchError, load_token_rewards, save_token_rewards, token_rewards
 
+from test_resume import kill_after_checkpoint  # noqa: E402  (a run killed right after a checkpoint)
+
 from conftest import BATCHING_TOL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -326,27 +328,13 @@ def test_tidpo_run_equals_a_hand_written_loop(tmp_path, tokenizer):
     assert max_param_diff(plain.model, result.model) > 1e-6
 
 
-class Killed(BaseException):
-    """Stands for SIGKILL right after a checkpoint is written."""
-
-
 def test_tidpo_resume_is_bit_identical(tmp_path, tokenizer, monkeypatch):
     """The anchors are drawn from generators seeded by (seed, step, micro-batch): a run killed after
     its step-1 checkpoint and rerun ends with the weights of an uninterrupted run, bit for bit."""
     cfg = lambda out: config(out, TIDPO, max_steps=3, checkpoint_every=1)
     straight = train_dpo(build_tiny_model("llama"), tokenizer, pairs(12), None, cfg(tmp_path / "straight")).model.state_dict()
-    save = loop.save_checkpoint
-
-    def save_then_kill(directory, model, optimizer, scheduler, step, extra=None):
-        path = save(directory, model, optimizer, scheduler, step, extra)
-        if step == 1:
-            raise Killed
-        return path
-
-    with monkeypatch.context() as patch:
-        patch.setattr(loop, "save_checkpoint", save_then_kill)
-        with pytest.raises(Killed):
-            train_dpo(build_tiny_model("llama"), tokenizer, pairs(12), None, cfg(tmp_path / "run"))
+    with kill_after_checkpoint(monkeypatch, 1):
+        train_dpo(build_tiny_model("llama"), tokenizer, pairs(12), None, cfg(tmp_path / "run"))
     assert read_checkpoint(tmp_path / "run" / "checkpoint")["step"] == 1
     resumed = train_dpo(build_tiny_model("llama"), tokenizer, pairs(12), None, cfg(tmp_path / "run"))
     assert resumed.start_step == 1

@@ -12,6 +12,7 @@ checkpoint of the step is written, or right after a dvclive row is written: noth
 runs, so the run directory is what `kill -9` there leaves. Tiny models, a few steps, one thread.
 """
 
+import contextlib
 import json
 import math
 import shutil
@@ -133,6 +134,24 @@ class Killed(BaseException):
     """Stands for SIGKILL at the point where it is raised."""
 
 
+@contextlib.contextmanager
+def kill_after_checkpoint(monkeypatch, kill_after: int):
+    """The block must end in `Killed`, raised right after the training loop writes its checkpoint of
+    step `kill_after`."""
+    save = loop.save_checkpoint
+
+    def save_then_kill(directory, model, optimizer, scheduler, step, extra=None):
+        path = save(directory, model, optimizer, scheduler, step, extra)
+        if step == kill_after:
+            raise Killed
+        return path
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "save_checkpoint", save_then_kill)
+        with pytest.raises(Killed):
+            yield
+
+
 KINDS = ("sft", "dpo", "lora")
 STEPS = 5
 
@@ -178,18 +197,8 @@ def train(kind: str, out: Path, tokenizer, r: int = 3, model=None, data=None, **
 
 def train_killed(kind: str, out: Path, tokenizer, kill_after: int, monkeypatch, r: int = 3, **overrides) -> None:
     """A run killed right after writing its checkpoint of step `kill_after`."""
-    save = loop.save_checkpoint
-
-    def save_then_kill(directory, model, optimizer, scheduler, step, extra=None):
-        path = save(directory, model, optimizer, scheduler, step, extra)
-        if step == kill_after:
-            raise Killed
-        return path
-
-    with monkeypatch.context() as patch:
-        patch.setattr(loop, "save_checkpoint", save_then_kill)
-        with pytest.raises(Killed):
-            train(kind, out, tokenizer, r, **overrides)
+    with kill_after_checkpoint(monkeypatch, kill_after):
+        train(kind, out, tokenizer, r, **overrides)
     assert read_checkpoint(out / "checkpoint")["step"] == kill_after
 
 
@@ -474,18 +483,8 @@ def test_train_stage_refuses_a_checkpoint_of_other_settings_then_resumes(tmp_pat
     argv = ["--section", "train", "--valuation-section", "valuation", "--objective", "sft", "--method", "random",
             "--model", str(model_dir), "--train-data", split(tmp_path / "train.jsonl", chat(6)),
             "--val-data", split(tmp_path / "val.jsonl", chat(2, 20)), "--out", str(out)]
-    save = loop.save_checkpoint
-
-    def save_then_kill(directory, model, optimizer, scheduler, step, extra=None):
-        path = save(directory, model, optimizer, scheduler, step, extra)
-        if step == 1:
-            raise Killed
-        return path
-
-    with monkeypatch.context() as patch:
-        patch.setattr(loop, "save_checkpoint", save_then_kill)
-        with pytest.raises(Killed):
-            main(["--params", params(0.01), *argv])
+    with kill_after_checkpoint(monkeypatch, 1):
+        main(["--params", params(0.01), *argv])
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["--params", params(0.02), *argv])
