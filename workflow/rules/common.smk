@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
 from stagedeps import MATRIX, stage_sources  # noqa: E402
@@ -29,10 +28,6 @@ if workflow.config_settings.config:  # --config KEY=VALUE (the --configfile over
         "--config overrides are not seen by the stages, which read parameter files: put the "
         "values in a YAML overlay (like configs/smoke.yaml) and pass it with --configfile"
     )
-
-# The merged parameters against their schema (types, ranges, no unknown keys), before any job starts;
-# the stages check the section they read against the same schema, for DVC.
-validate(config, str(REPO / "workflow/schemas/config.schema.yaml"))
 
 
 def _rel(path):
