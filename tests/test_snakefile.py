@@ -45,3 +45,18 @@ def test_top_calls_sees_a_wrong_schema():
     calls = dict(top_calls('min_version("9.1")\nvalidate(config, "other.schema.yaml")\n'))
     assert calls == {"min_version": "9.1", "validate": "other.schema.yaml"}
     assert (SNAKEFILE.parent / calls["validate"]).resolve() != SCHEMA_PATH.resolve()
+
+
+SYS_PATH_EDIT = re.compile(r"sys\.path\s*(\.\s*(insert|append|extend)\b|\[.*\]\s*=|\s*[+]?=)")
+
+
+def test_rules_do_not_edit_sys_path_at_parse_time():
+    files = [SNAKEFILE, *sorted((REPO / "workflow" / "rules").glob("*.smk"))]
+    edits = [f"{f.relative_to(REPO)}:{n}" for f in files for n, line in enumerate(f.read_text().splitlines(), 1)
+             if SYS_PATH_EDIT.search(line.split("#")[0])]
+    assert not edits, f"sys.path changed at parse time: {edits}"
+
+
+def test_sys_path_check_can_fail():
+    assert SYS_PATH_EDIT.search('sys.path.insert(0, "x")') and SYS_PATH_EDIT.search("sys.path += ['x']")
+    assert not SYS_PATH_EDIT.search("print(sys.path)")
