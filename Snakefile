@@ -4,7 +4,18 @@
 #   snakemake --cores 2 --configfile configs/smoke.yaml    the same DAG on a tiny model
 #   snakemake --profile slurm                              on a SLURM cluster (workflow/profiles/slurm)
 
+from snakemake.utils import min_version, validate
+
+min_version("9.27")  # the pin of pyproject.toml
+
+
 configfile: "params.yaml"
+
+
+# The merged parameters (params.yaml and every --configfile overlay) against their schema (types, ranges,
+# no unknown keys) before any job starts; the stages check the section they read against the same file
+# (alphatoken.stages.common.SCHEMA_PATH), for DVC.
+validate(config, "workflow/schemas/config.schema.yaml")
 
 
 envvars:

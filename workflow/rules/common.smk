@@ -2,17 +2,27 @@
 # compute resources of each rule. The rules stay declarative; dvc.yaml is generated from them
 # (workflow/scripts/sync_dvc.py), so everything here must be reproducible from the rules alone.
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
-
-sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
-from stagedeps import MATRIX, stage_sources  # noqa: E402
 
 REPO = Path(workflow.basedir)
+
+
+def _load_script_module(name):
+    """workflow/scripts/<name>.py as module `name`, without putting workflow/scripts on sys.path."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "workflow" / "scripts" / f"{name}.py")
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[name] = loaded  # registered first, as `import` does (dataclasses and pickling look it up)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+_stagedeps = _load_script_module("stagedeps")
+MATRIX, stage_sources = _stagedeps.MATRIX, _stagedeps.stage_sources
 ENV = "../envs/alphatoken.yaml"  # conda env (relative to this file) for `--sdm conda`; see the file
 
 # Stage commands call `python`: make it the interpreter running Snakemake (the project's venv),
@@ -29,10 +39,6 @@ if workflow.config_settings.config:  # --config KEY=VALUE (the --configfile over
         "--config overrides are not seen by the stages, which read parameter files: put the "
         "values in a YAML overlay (like configs/smoke.yaml) and pass it with --configfile"
     )
-
-# The merged parameters against their schema (types, ranges, no unknown keys), before any job starts;
-# the stages check the section they read against the same schema, for DVC.
-validate(config, str(REPO / "workflow/schemas/config.schema.yaml"))
 
 
 def _rel(path):
