@@ -52,7 +52,7 @@ from alphatoken.checkpoint import atomic_write_bytes
 from alphatoken.tensorfile import deterministic_safetensors, read_safetensors_metadata
 from alphatoken.losses import token_nll
 from alphatoken.models import weights_fingerprint
-from alphatoken.train.data import as_batch, collate, collate_pairs, encode_dataset, pad_token_id
+from alphatoken.train.batches import as_batch, collate, collate_pairs, encode_dataset, pad_token_id
 
 FORMAT = "alphatoken.reference_logps/1"  # metadata tag of a reference file; bump when its layout changes
 BRANCHES = ("chosen", "rejected")
