@@ -71,6 +71,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -81,7 +82,7 @@ from transformers import LogitsProcessor
 
 from alphatoken import __version__
 from alphatoken.blocks import scored_blocks, scored_linears
-from alphatoken.data import check_choice, check_int, check_number
+from alphatoken.data import IGNORE_INDEX, ExampleDropped, check_choice, check_int, check_number, encode_chat
 from alphatoken.models import weights_fingerprint
 from alphatoken.tensorfile import deterministic_safetensors, read_safetensors_metadata
 
@@ -751,3 +752,19 @@ def load_fisher(path: str | Path, model: nn.Module, cfg: FisherConfig | None = N
     if problems:
         raise FisherMismatchError(f"{path}: Fisher does not match: " + "; ".join(problems))
     return {name: tensors[name] for name in names}  # model order, as computed
+
+
+def encode_fisher_prompts(examples: list, tokenizer, max_length: int) -> tuple[list, list, Counter]:
+    """(prompt token ids rendered with the generation prompt, response token ids, Counter of skipped
+    examples by reason) of the Fisher hold-out; overlong examples are truncated, as in training."""
+    prompts, responses, skipped = [], [], Counter()
+    for example in examples:
+        try:
+            encoded = encode_chat(example, tokenizer, max_length, overlong="truncate")
+        except ExampleDropped as err:
+            skipped[err.reason] += 1
+            continue
+        start = next(t for t, y in enumerate(encoded["labels"]) if y != IGNORE_INDEX)  # first response token
+        prompts.append(encoded["input_ids"][:start])
+        responses.append([y for y in encoded["labels"][start:] if y != IGNORE_INDEX])
+    return prompts, responses, skipped
