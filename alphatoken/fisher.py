@@ -71,6 +71,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -81,8 +82,9 @@ from transformers import LogitsProcessor
 
 from alphatoken import __version__
 from alphatoken.blocks import scored_blocks, scored_linears
-from alphatoken.data import check_choice, check_int, check_number
+from alphatoken.data import IGNORE_INDEX, ExampleDropped, check_choice, check_int, check_number, encode_chat
 from alphatoken.models import weights_fingerprint
+from alphatoken.tensorfile import deterministic_safetensors, read_safetensors_metadata
 
 log = logging.getLogger(__name__)
 
@@ -680,42 +682,9 @@ def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], model: nn.Mod
     metadata = _metadata(model, list(linears), cfg, num_prompts, dtypes.pop())  # param_names: the scored weights
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(_deterministic_safetensors(tensors, metadata))
+    partial.write_bytes(deterministic_safetensors(tensors, metadata))
     os.replace(partial, path)
     return path
-
-
-def _deterministic_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """safetensors bytes whose JSON header has sorted keys. safetensors writes its metadata map in
-    hash order, which changes from process to process, so two identical Fisher runs would otherwise
-    give files with different content hashes (and DVC would see a changed output). The header's
-    tensor offsets are relative to the data section, so re-serialising the header keeps them valid."""
-    from safetensors.torch import save
-
-    blob = save(tensors, metadata=metadata)
-    n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + n])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to an 8-byte boundary
-    return len(text).to_bytes(8, "little") + text + blob[8 + n:]
-
-
-def read_safetensors_metadata(path: str | Path, fmt: str, error: type[Exception], what: str, writer: str) -> dict[str, str]:
-    """The metadata of a safetensors file written by `writer` with format tag `fmt` (strings); raises
-    FileNotFoundError, or `error` naming the file and the field when it is not such a file."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} file not found")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as err:  # not a safetensors file at all
-        raise error(f"{path}: not a readable safetensors file ({err})") from err
-    if metadata.get("format") != fmt:
-        raise error(f"{path}: field 'format': expected {fmt!r}, found {metadata.get('format')!r} ({writer})")
-    return metadata
 
 
 def read_fisher_metadata(path: str | Path) -> dict[str, str]:
@@ -783,3 +752,19 @@ def load_fisher(path: str | Path, model: nn.Module, cfg: FisherConfig | None = N
     if problems:
         raise FisherMismatchError(f"{path}: Fisher does not match: " + "; ".join(problems))
     return {name: tensors[name] for name in names}  # model order, as computed
+
+
+def encode_fisher_prompts(examples: list, tokenizer, max_length: int) -> tuple[list, list, Counter]:
+    """(prompt token ids rendered with the generation prompt, response token ids, Counter of skipped
+    examples by reason) of the Fisher hold-out; overlong examples are truncated, as in training."""
+    prompts, responses, skipped = [], [], Counter()
+    for example in examples:
+        try:
+            encoded = encode_chat(example, tokenizer, max_length, overlong="truncate")
+        except ExampleDropped as err:
+            skipped[err.reason] += 1
+            continue
+        start = next(t for t, y in enumerate(encoded["labels"]) if y != IGNORE_INDEX)  # first response token
+        prompts.append(encoded["input_ids"][:start])
+        responses.append([y for y in encoded["labels"][start:] if y != IGNORE_INDEX])
+    return prompts, responses, skipped

@@ -48,7 +48,7 @@ from alphatoken.blocks import is_lora_layer, lora_factors
 from alphatoken.checkpoint import atomic_torch_save, atomic_write_text
 from alphatoken.data import ConfigError, check_choice, check_int, check_number
 from alphatoken.losses import IGNORE_INDEX, kept_count, loss_positions, token_nll
-from alphatoken.train.data import collate, encode_example
+from alphatoken.train.batches import collate, encode_example
 
 log = logging.getLogger(__name__)
 

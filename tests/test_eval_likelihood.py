@@ -28,7 +28,7 @@ from alphatoken.eval.likelihood import (
 )
 from alphatoken.eval.sandbox import run_in_sandbox
 from alphatoken.models import build_tiny_model
-from alphatoken.train.data import encode_dataset
+from alphatoken.train.batches import encode_dataset
 from conftest import BATCHING_TOL, TINY_ARCHS
 
 MAX_LENGTH = 60

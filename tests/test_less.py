@@ -30,7 +30,7 @@ from alphatoken.models import build_tiny_model, byte_tokenizer, save_pretrained
 from alphatoken.stages import less as less_stage
 from alphatoken.stages.common import ParamsError, Section, params_schema
 from alphatoken.stages.train import resolve_run
-from alphatoken.train.data import collate, encode_example, pad_token_id
+from alphatoken.train.batches import collate, encode_example, pad_token_id
 from conftest import BATCHING_TOL
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ from alphatoken.stages import sepo as sepo_stage
 from alphatoken.stages import train as train_stage
 from alphatoken.stages.common import ParamsError
 from alphatoken.train import TrainConfig, collate_pairs, encode_dataset, train_dpo
-from alphatoken.train.data import pad_token_id
+from alphatoken.train.batches import pad_token_id
 from alphatoken.train.loop import _epoch_order, _policy_generator
 from alphatoken.train.token_rewards import TokenRewardsMismatchError, load_token_rewards, save_token_rewards, token_rewards
 

@@ -19,7 +19,7 @@ from alphatoken.models import ModelSpec, build_tiny_model, byte_tokenizer, load_
 from alphatoken.policies import PolicyConfig
 from alphatoken.stages import ref_logps
 from alphatoken.train import TrainConfig, encode_dataset, train_dpo
-from alphatoken.train.data import as_batch
+from alphatoken.train.batches import as_batch
 from alphatoken.train.reference import (
     ReferenceMismatchError, compute_reference_logps, load_reference_logps, read_reference_metadata,
     save_reference_logps,

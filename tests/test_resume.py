@@ -31,7 +31,7 @@ from alphatoken.fisher import FisherConfig, FisherPrompts
 from alphatoken.models import build_tiny_model, save_pretrained
 from alphatoken.policies import PolicyConfig
 from alphatoken.train import TrainConfig, train_dpo, train_sft
-from alphatoken.train.data import as_batch
+from alphatoken.train.batches import as_batch
 from alphatoken.valuation import TokenValuer, ValuationConfig
 
 WORKER = r'''

@@ -20,7 +20,7 @@ from alphatoken.integrations.trl import (
 from alphatoken.models import build_tiny_model
 from alphatoken.policies import PolicyConfig
 from alphatoken.train import TrainConfig, train_dpo, train_sft
-from alphatoken.train.data import as_batch
+from alphatoken.train.batches import as_batch
 from alphatoken.valuation import ValuationConfig
 
 from conftest import BATCHING_TOL

@@ -41,7 +41,7 @@ import torch
 from alphatoken.blocks import scored_blocks
 from alphatoken.eval.diagnostics import DiagnosticsConfig, batches, device, draw_training_examples
 from alphatoken.models import ModelSpec, load_model
-from alphatoken.train.data import pad_token_id
+from alphatoken.train.batches import pad_token_id
 from alphatoken.valuation.attention import ATTENTION_NAME, AttentionRecord, active_record, register_attention
 from alphatoken.valuation.signals import attention_module
 

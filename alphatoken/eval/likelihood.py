@@ -9,7 +9,7 @@ position p and y_{p+1} the token that follows,
     nll_p = logsumexp(z_p) - z_p[y_{p+1}]                                  (float64)
 
 - `response_nll`: mean nll over the response tokens of chat examples, encoded exactly as training
-  encodes them (`alphatoken.train.data.encode_example`: chat template, labels on the final
+  encodes them (`alphatoken.train.batches.encode_example`: chat template, labels on the final
   assistant response and its end-of-turn token; an overlong example is truncated at `max_length`,
   as in training, and counted). The held-out loss of the target corpus.
 - `solution_nll`: mean nll over the tokens of a reference solution inside the chat answer the pass@1
@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from alphatoken import data as records
 from alphatoken.eval.drift import token_kl
 from alphatoken.losses import IGNORE_INDEX, loss_positions
-from alphatoken.train.data import encode_example, pad_token_id
+from alphatoken.train.batches import encode_example, pad_token_id
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ from alphatoken.eval.likelihood import encode_continuation, gold_continuation, s
 from alphatoken.eval.stats import percentile_interval
 from alphatoken.fisher import load_fisher
 from alphatoken.models import ModelSpec, load_model
-from alphatoken.train.data import pad_token_id
+from alphatoken.train.batches import pad_token_id
 from alphatoken.valuation import TokenValuer, ValuationConfig
 from alphatoken.valuation.scores import token_nll
 

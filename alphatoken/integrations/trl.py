@@ -67,7 +67,7 @@ from alphatoken.blocks import scored_linears
 from alphatoken.data import ConfigError, check_choice, check_int, read_split
 from alphatoken.losses import IGNORE_INDEX, alpha_dpo_loss, dpo_logit, dpo_loss, dpo_weight, kept_count, loss_positions, token_nll
 from alphatoken.policies import PolicyConfig, TokenContext, get_policy, scores_to_loss_positions
-from alphatoken.train.data import as_batch, encode_dataset
+from alphatoken.train.batches import as_batch, encode_dataset
 from alphatoken.train.loop import _dpo_objective, _epoch_order, _policy_generator
 from alphatoken.valuation import TokenValuer, ValuationConfig
 

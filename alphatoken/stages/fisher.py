@@ -9,36 +9,18 @@ as safetensors with its provenance in the metadata.
 from __future__ import annotations
 
 import time
-from collections import Counter
-
 import torch
 
 from alphatoken.blocks import decoder_blocks
-from alphatoken.data import IGNORE_INDEX, DataError, ExampleDropped, encode_chat, read_split
-from alphatoken.fisher import FisherConfig, compute_fisher, save_fisher
+from alphatoken.data import DataError, read_split
+from alphatoken.fisher import FisherConfig, compute_fisher, encode_fisher_prompts, save_fisher
 from alphatoken.models import ModelSpec, load_model
 from alphatoken.stages.common import (
-    ParamsError, fail, log_run_environment, pick_device, read_section, split_section, stage_parser, to_config,
-    write_json,
+    FISHER_STAGE_KEYS, ParamsError, fail, log_run_environment, pick_device, read_section, split_section, stage_parser,
+    to_config, write_json,
 )
 
-OWN_KEYS = ("dtype", "attn_implementation", "max_length")  # how the stage loads and encodes; the rest is FisherConfig
-
-
-def encode_fisher_prompts(examples: list, tokenizer, max_length: int) -> tuple[list, list, Counter]:
-    """(prompt token ids rendered with the generation prompt, response token ids, Counter of skipped
-    examples by reason) of the Fisher hold-out; overlong examples are truncated, as in training."""
-    prompts, responses, skipped = [], [], Counter()
-    for example in examples:
-        try:
-            encoded = encode_chat(example, tokenizer, max_length, overlong="truncate")
-        except ExampleDropped as err:
-            skipped[err.reason] += 1
-            continue
-        start = next(t for t, y in enumerate(encoded["labels"]) if y != IGNORE_INDEX)  # first response token
-        prompts.append(encoded["input_ids"][:start])
-        responses.append([y for y in encoded["labels"][start:] if y != IGNORE_INDEX])
-    return prompts, responses, skipped
+OWN_KEYS = FISHER_STAGE_KEYS  # how the stage loads and encodes; the rest is FisherConfig
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,7 @@ from alphatoken.models import ModelSpec, load_model
 from alphatoken.stages.common import (
     ParamsError, fail, log_run_environment, pick_device, read_section, split_section, stage_parser, to_config,
 )
-from alphatoken.train.data import pad_token_id
+from alphatoken.train.batches import pad_token_id
 
 RULE_KEYS = ("enabled", "seeds")  # read by the rules (is LESS on, which seeds train on the selection)
 OWN_KEYS = ("dtype", "attn_implementation", "val_examples")  # how the stage loads the model and the data

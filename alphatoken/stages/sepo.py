@@ -24,7 +24,7 @@ from alphatoken.data import DataError, read_split
 from alphatoken.models import ModelSpec, load_model
 from alphatoken.stages.common import ParamsError, fail, log_run_environment, pick_device, read_section, stage_parser
 from alphatoken.stages.ref_logps import read_settings as read_dpo_settings
-from alphatoken.train.data import encode_dataset, pad_token_id
+from alphatoken.train.batches import encode_dataset, pad_token_id
 from alphatoken.train.token_rewards import save_token_rewards, token_rewards
 
 DEFAULTS = {"oracle_fraction": 0.5, "oracle_seed": 0}  # the sepo keys this stage reads (seeds: the rules')

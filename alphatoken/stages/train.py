@@ -20,15 +20,15 @@ import sys
 from alphatoken.blocks import decoder_blocks, scored_linears
 from alphatoken.checkpoint import RunMismatchError
 from alphatoken.data import DataError, read_split
-from alphatoken.fisher import FisherConfig, FisherMismatchError, FisherPrompts, fisher_parameter_names, load_fisher
+from alphatoken.fisher import (
+    FisherConfig, FisherMismatchError, FisherPrompts, encode_fisher_prompts, fisher_parameter_names, load_fisher,
+)
 from alphatoken.models import ModelSpec, load_model
 from alphatoken.policies import POLICIES, SECTION_RUNS, PolicyConfig, derived_run, get_policy
 from alphatoken.stages.common import (
-    ParamsError, Section, fail, gpus_requested, init_distributed, log_run_environment, read_section,
+    FISHER_STAGE_KEYS, ParamsError, Section, fail, gpus_requested, init_distributed, log_run_environment, read_section,
     relaunch_under_torchrun, split_section, stage_parser, to_config,
 )
-from alphatoken.stages.fisher import OWN_KEYS as FISHER_OWN_KEYS
-from alphatoken.stages.fisher import encode_fisher_prompts
 from alphatoken.train import TrainConfig, train_dpo, train_sft
 from alphatoken.train.reference import ReferenceMismatchError
 from alphatoken.train.token_rewards import TokenRewardsMismatchError
@@ -136,7 +136,7 @@ def read_fisher_prompts(params: list, section_name: str, path: str, tokenizer, l
     """The Fisher hold-out at `path` with the FisherConfig of section `section_name`, for a run that
     computes the Fisher of its LoRA factors at step 0 (the section's dtype/attn_implementation do not
     apply: the run's model is the one trained). Skipped examples are counted in the log."""
-    own, rest = split_section(read_section(params, section_name), FISHER_OWN_KEYS)
+    own, rest = split_section(read_section(params, section_name), FISHER_STAGE_KEYS)
     cfg = to_config(rest, FisherConfig)
     if cfg.last_k < last_k:
         raise ParamsError(f"{rest.locate('last_k')}: {cfg.last_k} is below valuation.last_k={last_k}")

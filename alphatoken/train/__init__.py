@@ -1,7 +1,7 @@
 """Training: token-masked SFT and DPO loops (`train_sft`, `train_dpo`), their config and data encoding."""
 
 from alphatoken.train.config import TrainConfig
-from alphatoken.train.data import EncodeStats, collate, collate_pairs, encode_dataset
+from alphatoken.train.batches import EncodeStats, collate, collate_pairs, encode_dataset
 from alphatoken.train.loop import TrainResult, train_dpo, train_sft
 
 __all__ = [

@@ -80,7 +80,7 @@ from alphatoken.losses import (
 from alphatoken.policies import StepZeroInputs, TokenContext, get_policy, scores_to_loss_positions
 from alphatoken.policy_inputs import AttentionCapture, embedding_importance, sample_anchor
 from alphatoken.train.config import TrainConfig
-from alphatoken.train.data import as_batch, collate, collate_pairs, encode_dataset, pad_token_id
+from alphatoken.train.batches import as_batch, collate, collate_pairs, encode_dataset, pad_token_id
 from alphatoken.train.reference import (
     batch_sha256, features_sha256, load_reference_logps, reference_sequence_logps, reference_token_losses,
 )

@@ -33,7 +33,7 @@ import contextlib
 import torch
 
 from alphatoken.losses import loss_positions, token_nll
-from alphatoken.train.data import collate
+from alphatoken.train.batches import collate
 
 FIELDS = ("sgd_pred", "sgd_pred_scored", "update_pred", "update_pred_scored", "loss_change", "grad_cos", "update_cos")
 

@@ -49,10 +49,10 @@ from tqdm.auto import tqdm
 
 from alphatoken import __version__
 from alphatoken.checkpoint import atomic_write_bytes
-from alphatoken.fisher import _deterministic_safetensors, read_safetensors_metadata  # sorted-header safetensors: byte-identical reruns
+from alphatoken.tensorfile import deterministic_safetensors, read_safetensors_metadata
 from alphatoken.losses import token_nll
 from alphatoken.models import weights_fingerprint
-from alphatoken.train.data import as_batch, collate, collate_pairs, encode_dataset, pad_token_id
+from alphatoken.train.batches import as_batch, collate, collate_pairs, encode_dataset, pad_token_id
 
 FORMAT = "alphatoken.reference_logps/1"  # metadata tag of a reference file; bump when its layout changes
 BRANCHES = ("chosen", "rejected")
@@ -203,7 +203,7 @@ def save_reference_logps(path: str | Path, reference: ReferenceLogps) -> Path:
         tensors[f"{name}.lengths"] = torch.tensor([r.numel() for r in rows], dtype=torch.int64)  # (N,)
     if reference.val is not None:
         tensors["val"] = reference.val.detach().to("cpu").contiguous()  # (2Bv,)
-    return atomic_write_bytes(path, _deterministic_safetensors(tensors, {k: str(v) for k, v in reference.metadata.items()}))
+    return atomic_write_bytes(path, deterministic_safetensors(tensors, {k: str(v) for k, v in reference.metadata.items()}))
 
 
 def read_reference_metadata(path: str | Path) -> dict[str, str]:

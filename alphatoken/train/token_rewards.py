@@ -27,7 +27,7 @@ import torch
 
 from alphatoken import __version__
 from alphatoken.checkpoint import atomic_write_bytes
-from alphatoken.fisher import _deterministic_safetensors, read_safetensors_metadata
+from alphatoken.tensorfile import deterministic_safetensors, read_safetensors_metadata
 from alphatoken.models import weights_fingerprint
 from alphatoken.train.reference import BRANCHES, features_sha256, reference_token_losses
 
@@ -68,7 +68,7 @@ def save_token_rewards(path: str | Path, rewards: list[dict], features: list[dic
         "micro_batch_size": str(micro_batch_size),
         **token_rewards_identity(features),
     }
-    return atomic_write_bytes(Path(path), _deterministic_safetensors(tensors, metadata))
+    return atomic_write_bytes(Path(path), deterministic_safetensors(tensors, metadata))
 
 
 def load_token_rewards(path: str | Path, features: list[dict]) -> list[dict]:
