@@ -4,12 +4,23 @@
 #   snakemake --cores 2 --configfile configs/smoke.yaml    the same DAG on a tiny model
 #   snakemake --profile slurm                              on a SLURM cluster (workflow/profiles/slurm)
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 min_version("9.27")  # the pin of pyproject.toml
 
 
 configfile: "params.yaml"
+
+
+# Stages read their section from the parameter files, layered like Snakemake's: params.yaml, then
+# every --configfile overlay. A --config KEY=VALUE override would reach the rules' params but not
+# the stages, so it is refused with the fix, before the schema check would report its value's type.
+if workflow.config_settings.config:  # --config KEY=VALUE (the --configfile overlays are fine)
+    raise WorkflowError(
+        "--config overrides are not seen by the stages, which read parameter files: put the "
+        "values in a YAML overlay (like configs/smoke.yaml) and pass it with --configfile"
+    )
 
 
 # The merged parameters (params.yaml and every --configfile overlay) against their schema (types, ranges,

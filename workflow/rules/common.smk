@@ -31,16 +31,6 @@ _bin = os.path.dirname(sys.executable)
 if _bin not in os.environ.get("PATH", "").split(os.pathsep):
     os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
 
-# Stages read their section from the parameter files, layered like Snakemake's: params.yaml, then
-# every --configfile overlay. A --config KEY=VALUE override would reach the rules' params but not
-# the stages, so it is refused with the fix.
-if workflow.config_settings.config:  # --config KEY=VALUE (the --configfile overlays are fine)
-    raise WorkflowError(
-        "--config overrides are not seen by the stages, which read parameter files: put the "
-        "values in a YAML overlay (like configs/smoke.yaml) and pass it with --configfile"
-    )
-
-
 def _rel(path):
     """Paths inside the repo are written relative to it, so commands are the same on every checkout."""
     path = Path(path).absolute()
