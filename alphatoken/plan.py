@@ -286,8 +286,8 @@ def refusal(shape: Shape, run: Run, budget: int) -> str | None:
     total = estimate(shape, run)["total"]
     if total <= HEADROOM * budget:
         return None
-    return (f"{run.rule}: the memory planner estimates {total / GIB:.1f} GiB per GPU under {run.section}.distributed="
-            f"{run.distributed}, more than {HEADROOM:.0%} of the GPU's {budget / GIB:.1f} GiB (python -m alphatoken.plan): "
+    return (f"{run.rule}: the memory planner estimates {total / GIB:.3g} GiB per GPU under {run.section}.distributed="
+            f"{run.distributed}, more than {HEADROOM:.0%} of the GPU's {budget / GIB:.3g} GiB (python -m alphatoken.plan): "
             f"set {fit_advice(run, budget, shape)}")
 
 
@@ -345,3 +345,18 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def check_train_config(model, config, section: str, rule: str, world: int, attn_implementation: str,
+                       budget: int, objective: str = "sft", dtype: str = "float32", distributed: str = "none") -> None:
+    """Raise PlanError naming the settings to change when the train stage's run (a TrainConfig on `model`, `world`
+    ranks) does not fit a GPU of `budget` bytes per the planner."""
+    from alphatoken.policies import get_policy
+
+    run = Run(rule, section, config.micro_batch_size * (2 if objective == "dpo" else 1), config.max_length, dtype,
+              config.bf16, config.gradient_checkpointing, attn_implementation,
+              get_policy(config.policy.name).needs_scores, getattr(config.valuation, "last_k", 3),
+              getattr(config.valuation, "window", 32), world, distributed)
+    message = refusal(shape_of_model(model), run, budget)
+    if message is not None:
+        raise PlanError(message)
