@@ -39,7 +39,7 @@ from alphatoken.valuation import ValuationConfig
 
 MATRIX_KEYS = ("methods", "seeds")  # which runs exist: the rule's wildcards, not settings of one run
 VARIANTS_KEY = "variants"  # named runs: a policy with some settings changed (`train.variants.<name>`)
-OWN_KEYS = ("dtype", "attn_implementation", "val_examples", "realisation_examples")  # how the stage loads model and data
+OWN_KEYS = ("dtype", "attn_implementation", "val_examples", "realisation_examples", "distributed")  # how the stage loads model and data
 POLICY_KEYS = tuple(f.name for f in dataclasses.fields(PolicyConfig) if f.name != "name")  # train.rho etc.
 
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             check_train_config(model, config, args.section, args.rule, world, own.get("attn_implementation", "eager"),
                                torch.cuda.get_device_properties(torch.device(device)).total_memory, args.objective,
-                               own.get("dtype", "float32"), getattr(config, "distributed", "none"))
+                               own.get("dtype", "float32"), own.get("distributed", "none"))
         except PlanError as err:
             fail(str(err))
     fisher, fisher_prompts, policy = None, None, get_policy(config.policy.name)
