@@ -17,6 +17,8 @@ import dataclasses
 import os
 import sys
 
+import torch
+
 from alphatoken.blocks import decoder_blocks, scored_linears
 from alphatoken.checkpoint import RunMismatchError
 from alphatoken.data import DataError, read_split
@@ -24,6 +26,7 @@ from alphatoken.fisher import (
     FisherConfig, FisherMismatchError, FisherPrompts, encode_fisher_prompts, fisher_parameter_names, load_fisher,
 )
 from alphatoken.models import ModelSpec, load_model
+from alphatoken.plan import PlanError, check_train_config
 from alphatoken.policies import POLICIES, SECTION_RUNS, PolicyConfig, derived_run, get_policy
 from alphatoken.stages.common import (
     FISHER_STAGE_KEYS, ParamsError, Section, fail, gpus_requested, init_distributed, log_run_environment, read_section,
@@ -36,7 +39,7 @@ from alphatoken.valuation import ValuationConfig
 
 MATRIX_KEYS = ("methods", "seeds")  # which runs exist: the rule's wildcards, not settings of one run
 VARIANTS_KEY = "variants"  # named runs: a policy with some settings changed (`train.variants.<name>`)
-OWN_KEYS = ("dtype", "attn_implementation", "val_examples", "realisation_examples")  # how the stage loads model and data
+OWN_KEYS = ("dtype", "attn_implementation", "val_examples", "realisation_examples", "distributed")  # how the stage loads model and data
 POLICY_KEYS = tuple(f.name for f in dataclasses.fields(PolicyConfig) if f.name != "name")  # train.rho etc.
 
 
@@ -178,6 +181,13 @@ def main(argv: list[str] | None = None) -> None:
     log_run_environment(args.rule, device, args.params)
     model, tokenizer = load_model(ModelSpec(source="hub", name_or_path=args.model, dtype=own.get("dtype", "float32"),
                                             attn_implementation=own.get("attn_implementation", "eager")), device)
+    if str(device).startswith("cuda"):  # refuse a run the memory planner says cannot fit this GPU
+        try:
+            check_train_config(model, config, args.section, args.rule, world, own.get("attn_implementation", "eager"),
+                               torch.cuda.get_device_properties(torch.device(device)).total_memory, args.objective,
+                               own.get("dtype", "float32"), own.get("distributed", "none"))
+        except PlanError as err:
+            fail(str(err))
     fisher, fisher_prompts, policy = None, None, get_policy(config.policy.name)
     try:
         check_against_model(model, config, args.params, args.section, args.valuation_section, policy.needs_scores,
