@@ -24,7 +24,7 @@ def case(request):
     g = torch.Generator().manual_seed(5)
     batch = make_batch(g, 3, 13, prompt=4, left_pad=[2, 0, 0], right_pad=[0, 3, 0])
     valuer = TokenValuer(model, ValuationConfig(last_k=LAST_K, signal="total"))
-    signals = valuer.signals(batch)
+    signals = valuer.signals(batch, full_attention=True)
     linears = scored_linears(model, LAST_K)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     total_loss = token_losses(out.logits, batch["labels"]).sum()  # L = sum_p l_p

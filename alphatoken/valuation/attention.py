@@ -6,7 +6,14 @@ ordinary forward keeps the model's own (e.g. sdpa) attention.
 With `stop_cross_position_grad` the forward values are unchanged but the gradient that the output
 at query position p sends into keys and values flows only into position p itself (the other
 positions' keys and values are detached); the query keeps its gradient. One backward of
-sum_p l_p then yields every e_p = d l_p / d z_p (METHOD.md, `self` signal)."""
+sum_p l_p then yields every e_p = d l_p / d z_p (METHOD.md, `self` signal).
+
+What the record keeps (memory at the paper's sizes): with `band=W` only the causal band
+band[b, h, p, d-1] = A_h[p+d, p], d = 1..W, is copied out of the probabilities: B*H*T*W elements per
+block (4 x 4,096 tokens, 32 heads, W = 32: 16.8M elements, 67 MB in fp32, against 2.1G elements,
+8.6 GB, for the full (B, H, T, T) matrix). `band=0` keeps nothing (validation re-runs) and
+`band=None` the full matrix (inspection and tests). Beyond the record, the re-run holds (B, H, T, T)
+scores and probabilities only as eager attention's own saved tensors, which its backward releases."""
 
 from __future__ import annotations
 
@@ -21,8 +28,20 @@ ATTENTION_NAME = "alphatoken_valuation"
 @dataclass
 class AttentionRecord:
     stop_cross_position_grad: bool  # forward-identical attention with gradient kept on the own position only
-    probs: dict = field(default_factory=dict)  # id(attention module) -> (B, H, T, T) probabilities, detached
+    probs: dict = field(default_factory=dict)  # id(attention module) -> (B, H, T, T) probabilities (band=None)
     keep: bool = True  # record the probabilities (False: plain eager attention outside a re-run)
+    band: int | None = None  # W: record only the causal band (B, H, T, W); 0: record nothing; None: full matrix
+    bands: dict = field(default_factory=dict)  # id(attention module) -> (B, H, T, W) band, detached
+
+
+def causal_band(probs: torch.Tensor, window: int) -> torch.Tensor:
+    """band[b, h, p, d-1] = probs[b, h, p+d, p] for d = 1..window (0 where p + d >= T).
+    probs (B, H, T, T) [query k, key p] -> (B, H, T, window), a copy (the full matrix is not referenced)."""
+    B, H, T, _ = probs.shape
+    band = probs.new_zeros(B, H, T, window)  # (B, H, T, W)
+    for d in range(1, min(window, T - 1) + 1):
+        band[:, :, : T - d, d - 1] = probs.diagonal(offset=-d, dim1=-2, dim2=-1)  # (B, H, T-d): A_h[p+d, p]
+    return band
 
 
 _ACTIVE: contextvars.ContextVar[AttentionRecord | None] = contextvars.ContextVar("alphatoken_attention", default=None)
@@ -58,7 +77,8 @@ def capturing_attention(module, query, key, value, attention_mask, scaling=None,
             raise ValueError("the self-signal attention needs the full sequence (no KV cache)")
         key_d, value_d = key.detach(), value.detach()
         own = (query * (key - key_d)).sum(-1)  # (B, H, T) exactly zero, carries the own-key gradient
-        scores = query @ key_d.transpose(2, 3) + torch.diag_embed(own)  # (B, H, T, T)
+        scores = query @ key_d.transpose(2, 3)  # (B, H, T, T); matmul saves its inputs, not this output
+        scores.diagonal(dim1=-2, dim2=-1).add_(own)  # own-key term on the diagonal, no dense (T, T) copy
     else:
         scores = query @ key.transpose(2, 3)  # (B, H, Tq, Tk)
     scores = scores * scaling
@@ -74,8 +94,10 @@ def capturing_attention(module, query, key, value, attention_mask, scaling=None,
         out = probs @ value_d + own_prob * (value - value_d)  # (B, H, T, hd), value-identical to probs @ value
     else:
         out = probs @ value  # (B, H, Tq, hd)
-    if record.keep:
+    if record.keep and record.band is None:
         record.probs.setdefault(id(module), probs.detach())
+    elif record.keep and record.band > 0 and id(module) not in record.bands:
+        record.bands[id(module)] = causal_band(probs.detach(), record.band)
     return out.transpose(1, 2).contiguous(), probs
 
 

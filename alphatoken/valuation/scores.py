@@ -33,18 +33,20 @@ def direct_score(y: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return (y * e).sum(-1)
 
 
-def causal_band_score(attn: torch.Tensor, ctx_err: torch.Tensor, value_dir: torch.Tensor, window: int) -> torch.Tensor:
+def causal_band_score(band: torch.Tensor, ctx_err: torch.Tensor, value_dir: torch.Tensor, window: int) -> torch.Tensor:
     """Value-path score of Eq. 9:
     cau(p) = sum_h sum_{k=p+1}^{min(p+W, T-1)} A_h[k, p] c_{k,h} . (M_{g(h)} x_p),
     with value_dir[p, g] = M_g x_p the value-projection direction (rows of G_V or P_V of kv group g)
-    applied to the input of W_V. attn (B, H, T, T) [query k, key p], ctx_err (B, T, H, hd),
-    value_dir (B, T, Hkv, hd) -> (B, T). Touches only the band k - p in 1..W."""
-    B, H, T, _ = attn.shape
+    applied to the input of W_V. band (B, H, T, W') with band[b, h, p, d-1] = A_h[p+d, p] and
+    W' >= window (`attention.causal_band`), ctx_err (B, T, H, hd), value_dir (B, T, Hkv, hd) -> (B, T)."""
+    B, H, T, width = band.shape
+    if width < min(window, T - 1):
+        raise ValueError(f"the attention band has width {width}, the window needs {min(window, T - 1)}")
     n_rep = H // value_dir.shape[2]
     y = value_dir.repeat_interleave(n_rep, dim=2)  # (B, T, H, hd), head h reads kv group h // n_rep
-    out = torch.zeros(B, T, dtype=attn.dtype, device=attn.device)  # (B, T)
+    out = torch.zeros(B, T, dtype=band.dtype, device=band.device)  # (B, T)
     for d in range(1, min(window, T - 1) + 1):
-        a = attn.diagonal(offset=-d, dim1=-2, dim2=-1)  # (B, H, T-d): A_h[p+d, p]
+        a = band[:, :, : T - d, d - 1]  # (B, H, T-d): A_h[p+d, p]
         cy = (ctx_err[:, d:] * y[:, : T - d]).sum(-1)  # (B, T-d, H): c_{p+d,h} . y_{p,g(h)}
         out[:, : T - d] += (a.transpose(1, 2) * cy).sum(-1)
     return out

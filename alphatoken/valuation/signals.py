@@ -39,8 +39,9 @@ class Signals:
 
     x: dict  # weight name -> (B, T, d_in) input of the linear
     e: dict  # weight name -> (B, T, d_out) error d(objective)/dz of the linear's output
-    attn: dict  # block index -> (B, H, T, T) attention probabilities A_h[k, p] (query k, key p)
+    band: dict  # block index -> (B, H, T, W) causal band of the attention, band[b, h, p, d-1] = A_h[p+d, p]
     ctx_err: dict  # block index -> (B, T, H, hd) error of the attention output (o_proj input), per head
+    attn: dict = field(default_factory=dict)  # block index -> (B, H, T, T) A_h[k, p], only with band=None
 
 
 def _hidden_of(output):
@@ -183,9 +184,12 @@ def rerun_scored_blocks(
     cotangent: torch.Tensor,
     stop_cross_position_grad: bool,
     compute_dtype: torch.dtype,
+    band: int | None = 0,
 ) -> Signals:
     """Re-run the scored blocks from `record.first_input` with the same call arguments and return
     x, e for every scored linear and A, c for every scored block, where e = d<cotangent, h_out>/dz.
+    `band=W` keeps the attention's causal band (B, H, T, W) per block, `band=0` none (validation
+    re-runs), `band=None` also the full (B, H, T, T) probabilities (see `attention.AttentionRecord`).
     The model is restored afterwards (attention setting, checkpointing flags, hooks)."""
     if record.first_input is None or len(record.block_calls) != len(blocks):
         raise RuntimeError("the forward did not pass through every scored block; nothing to value")
@@ -215,7 +219,7 @@ def rerun_scored_blocks(
     configs = {id(m.config): m.config for m in attn_modules.values()}
     saved_impl = {key: cfg.__dict__.get("_attn_implementation_internal") for key, cfg in configs.items()}
     saved_ckpt = {idx: block.__dict__.get("gradient_checkpointing", None) for idx, block in blocks}
-    attn_record = AttentionRecord(stop_cross_position_grad=stop_cross_position_grad)
+    attn_record = AttentionRecord(stop_cross_position_grad=stop_cross_position_grad, band=band)
     device_type = param.device.type
     try:
         for name, linear in linears.items():
@@ -251,19 +255,20 @@ def rerun_scored_blocks(
     e = {}
     for n, g in zip(names, grads):
         e[n] = (torch.zeros_like(outputs[n]) if g is None else g).detach().to(compute_dtype)  # (B, T, d_out)
-    attn, ctx_err = {}, {}
+    attn, bands, ctx_err = {}, {}, {}
     for idx, module in attn_modules.items():
-        probs = attn_record.probs[id(module)].to(compute_dtype)  # (B, H, T, T)
-        heads = probs.shape[1]
         if idx in context_grads:
             g = context_grads[idx]
             c = (torch.zeros_like(context_inputs[idx]) if g is None else g).detach().to(compute_dtype)  # (B, T, H*hd)
         else:
             o_name = _name_of(linears, module.o_proj)
             c = e[o_name] @ module.o_proj.weight.detach().to(compute_dtype)  # (B, T, H*hd): error of the o_proj input
-        attn[idx] = probs
-        ctx_err[idx] = c.view(*c.shape[:2], heads, -1)  # (B, T, H, hd)
-    return Signals(x=x, e=e, attn=attn, ctx_err=ctx_err)
+        if band is None:
+            attn[idx] = attn_record.probs[id(module)].to(compute_dtype)  # (B, H, T, T)
+        elif band > 0:
+            bands[idx] = attn_record.bands[id(module)].to(compute_dtype)  # (B, H, T, W)
+        ctx_err[idx] = c.view(*c.shape[:2], -1, module.head_dim)  # (B, T, H, hd)
+    return Signals(x=x, e=e, band=bands, ctx_err=ctx_err, attn=attn)
 
 
 def _name_of(linears: dict[str, nn.Linear], module: nn.Linear) -> str:

@@ -372,22 +372,25 @@ class TokenValuer:
                 (cotangent,) = torch.autograd.grad(head.input, record.last_output, g_head, retain_graph=True)  # (B, T, d)
                 self._head_grad = g_head
         signals = rerun_scored_blocks(
-            self.blocks, self.linears, record, cotangent, self.config.signal == "self", self.compute_dtype
+            self.blocks, self.linears, record, cotangent, self.config.signal == "self", self.compute_dtype,
+            band=self.config.window,
         )
         if not components:
             return self._total_only(signals, labels, example_scale)
         return self._scores(signals, labels, example_scale)
 
-    def signals(self, batch: dict) -> Signals:
-        """x, e of every scored weight and A, c of every scored block for `batch` under the configured
-        signal (what `score` contracts; exposed for inspection and tests)."""
+    def signals(self, batch: dict, full_attention: bool = False) -> Signals:
+        """x, e of every scored weight and the attention band and c of every scored block for `batch`
+        under the configured signal (what `score` contracts; exposed for inspection and tests);
+        `full_attention=True` also keeps the full (B, H, T, T) probabilities in `Signals.attn`."""
         labels = _batch_field(batch, "labels")
         with BlockCapture(self.blocks, cut_last=True, first_block=self.first_block) as capture, torch.enable_grad():
             out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             token_loss = token_nll(out.logits, labels, self.compute_dtype)
         (cotangent,) = torch.autograd.grad(token_loss.sum(), capture.records[0].last_output)
         return rerun_scored_blocks(
-            self.blocks, self.linears, capture.records[0], cotangent, self.config.signal == "self", self.compute_dtype
+            self.blocks, self.linears, capture.records[0], cotangent, self.config.signal == "self", self.compute_dtype,
+            band=None if full_attention else self.config.window,
         )
 
     def _scores(self, sig: Signals, labels: torch.Tensor, example_scale: torch.Tensor | None) -> TokenScores:
@@ -494,4 +497,4 @@ class TokenValuer:
             y = self.value_maps[name](y)
         ctx_err = sig.ctx_err[block_idx]  # (B, T, H, hd)
         value_dir = y.view(*y.shape[:2], -1, ctx_err.shape[-1])  # (B, T, Hkv, hd)
-        return causal_band_score(sig.attn[block_idx], ctx_err, value_dir, self.config.window)
+        return causal_band_score(sig.band[block_idx], ctx_err, value_dir, self.config.window)
