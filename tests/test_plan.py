@@ -108,3 +108,13 @@ def test_cli_gpu_budget_from_resources(tmp_path, capsys):
                  str(overlay)])
     out = capsys.readouterr().out
     assert code == 1 and "resources.train.gpu_mem_gb" in out and f"{GIB / GIB:.3g} GiB" in out
+
+
+def test_train_stage_refuses_a_distributed_mode_it_does_not_train():
+    from alphatoken.stages.common import ParamsError
+    from alphatoken.stages.train import check_distributed
+
+    check_distributed("train", "none")
+    for mode in ("ddp", "fsdp"):
+        with pytest.raises(ParamsError, match=rf"train\.distributed: '{mode}'.*replicated only"):
+            check_distributed("train", mode)

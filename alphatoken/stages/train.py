@@ -87,6 +87,17 @@ def resolve_run(section: Section, valuation: Section, method: str) -> tuple[str,
     return policy, run, Section(valuation.name, {**valuation.values, **valuation_values}, vwhere)
 
 
+def check_distributed(section_name: str, value: str) -> None:
+    """Refuse a `distributed` mode the engine does not run yet, rather than train replicated under its name.
+
+    The memory planner (alphatoken.plan) accepts none | ddp | fsdp so configs can be sized for sharding; the training
+    loop itself replicates the model on every rank and all-reduces one flat gradient (`none`)."""
+    if value != "none":
+        raise ParamsError(f"{section_name}.distributed: {value!r}: the training loop runs replicated only "
+                          "(distributed: none, one flat gradient all-reduce per step); ddp and fsdp are sized by "
+                          "`python -m alphatoken.plan` but not trained yet (docs/TRAINING.md, Memory planner)")
+
+
 def read_train_config(params: list, section_name: str, valuation_section: str, method: str, seed: int,
                       out: str) -> tuple[dict, TrainConfig]:
     """(the stage's own settings, the TrainConfig) of run `method` (a policy or a variant, see
@@ -177,6 +188,10 @@ def main(argv: list[str] | None = None) -> None:
     gpus = gpus_requested(args.params, args.rule)
     if gpus > 1 and "LOCAL_RANK" not in os.environ:
         relaunch_under_torchrun("alphatoken.stages.train", sys.argv[1:] if argv is None else argv, gpus)
+    try:
+        check_distributed(args.section, own.get("distributed", "none"))
+    except ParamsError as err:
+        fail(str(err))
     rank, world, device = init_distributed()
     log_run_environment(args.rule, device, args.params)
     model, tokenizer = load_model(ModelSpec(source="hub", name_or_path=args.model, dtype=own.get("dtype", "float32"),
