@@ -98,7 +98,9 @@ class Shape:
         return min(last_k, self.num_hidden_layers) * sum(a * b for a, b in self.linears())
 
 
-# config.json values of the paper models' text decoders (hub ids of configs/paper-*.yaml)
+# config.json values of the paper models' text decoders (hub ids of configs/paper-*.yaml), entered by hand on an
+# offline machine and not read from the downloaded files: check them against config.json before relying on a plan
+# (a local model directory's config.json always takes precedence)
 PAPER_SHAPES = {
     "meta-llama/Llama-3.2-3B": Shape(128256, 3072, 8192, 28, 24, 8, 128, True,
                                      "huggingface.co/meta-llama/Llama-3.2-3B config.json"),
