@@ -235,8 +235,16 @@ def runs(params: dict) -> list[Run]:
     """The training rules of the merged parameters (per `routes`)."""
     from alphatoken.policies import POLICIES
 
+    from alphatoken.fisher import FisherConfig
+    from alphatoken.train import TrainConfig
+    from alphatoken.valuation import ValuationConfig
+
+    def default(cls, name):  # the value a stage uses when the section leaves `name` out
+        return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
     valuation = params.get("valuation") or {}
-    k, window = int(valuation.get("last_k", 3)), int(valuation.get("window", 32))
+    k = int(valuation.get("last_k", default(ValuationConfig, "last_k")))
+    window = int(valuation.get("window", default(ValuationConfig, "window")))
     out = []
 
     def gpus(rule):
@@ -247,16 +255,20 @@ def runs(params: dict) -> list[Run]:
         scores = any(POLICIES[m].needs_scores for m in methods if m in POLICIES)
         scores |= any(POLICIES.get(v.get("policy"), POLICIES["full"]).needs_scores
                       for v in (section.get("variants") or {}).values())
-        return Run(rule, name, int(section.get("micro_batch_size", 1)) * (2 if pairs else 1),
-                   int(section.get("max_length", 1024)), section.get("dtype", "float32"), bool(section.get("bf16", True)),
-                   bool(section.get("gradient_checkpointing", False)), section.get("attn_implementation", "eager"),
+        def get(key):
+            return section.get(key, default(TrainConfig, key))
+
+        return Run(rule, name, int(get("micro_batch_size")) * (2 if pairs else 1),
+                   int(get("max_length")), section.get("dtype", "float32"), bool(get("bf16")),
+                   bool(get("gradient_checkpointing")), section.get("attn_implementation", "eager"),
                    scores, k, window, gpus(rule), section.get("distributed", "none"))
 
     def fisher(rule):
         section = params.get("fisher") or {}
-        return Run(rule, "fisher", int(section.get("batch_size", 1)), int(section.get("max_length", 1024)),
+        return Run(rule, "fisher", int(section.get("batch_size", default(FisherConfig, "batch_size"))),
+                   int(section.get("max_length", 1024)),  # the fisher stage's default
                    section.get("dtype", "float32"), False, False, section.get("attn_implementation", "sdpa"),
-                   True, int(section.get("last_k", k)), window, 1, fisher=True)
+                   True, int(section.get("last_k", default(FisherConfig, "last_k"))), window, 1, fisher=True)
 
     routes = params.get("routes") or ["sft"]
     if "sft" in routes:
@@ -291,6 +303,21 @@ def refusal(shape: Shape, run: Run, budget: int) -> str | None:
     return (f"{run.rule}: the memory planner estimates {total / GIB:.3g} GiB per GPU under {run.section}.distributed="
             f"{run.distributed}, more than {HEADROOM:.0%} of the GPU's {budget / GIB:.3g} GiB (python -m alphatoken.plan): "
             f"set {fit_advice(run, budget, shape)}")
+
+
+def check_train_config(model, config, section: str, rule: str, world: int, attn_implementation: str,
+                       budget: int, objective: str = "sft", dtype: str = "float32", distributed: str = "none") -> None:
+    """Raise PlanError naming the settings to change when the train stage's run (a TrainConfig on `model`, `world`
+    ranks) does not fit a GPU of `budget` bytes per the planner."""
+    from alphatoken.policies import get_policy
+
+    run = Run(rule, section, config.micro_batch_size * (2 if objective == "dpo" else 1), config.max_length, dtype,
+              config.bf16, config.gradient_checkpointing, attn_implementation,
+              get_policy(config.policy.name).needs_scores, getattr(config.valuation, "last_k", 3),
+              getattr(config.valuation, "window", 32), world, distributed)
+    message = refusal(shape_of_model(model), run, budget)
+    if message is not None:
+        raise PlanError(message)
 
 
 def read_params(files: list[str | Path]) -> dict:
@@ -347,18 +374,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def check_train_config(model, config, section: str, rule: str, world: int, attn_implementation: str,
-                       budget: int, objective: str = "sft", dtype: str = "float32", distributed: str = "none") -> None:
-    """Raise PlanError naming the settings to change when the train stage's run (a TrainConfig on `model`, `world`
-    ranks) does not fit a GPU of `budget` bytes per the planner."""
-    from alphatoken.policies import get_policy
-
-    run = Run(rule, section, config.micro_batch_size * (2 if objective == "dpo" else 1), config.max_length, dtype,
-              config.bf16, config.gradient_checkpointing, attn_implementation,
-              get_policy(config.policy.name).needs_scores, getattr(config.valuation, "last_k", 3),
-              getattr(config.valuation, "window", 32), world, distributed)
-    message = refusal(shape_of_model(model), run, budget)
-    if message is not None:
-        raise PlanError(message)

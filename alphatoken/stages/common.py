@@ -25,10 +25,11 @@ from typing import Any, NoReturn
 
 import yaml
 
-# Environment variables that show which accelerators a scheduler bound to the job.
 # What the fisher section holds besides FisherConfig (how the model is loaded and the prompts encoded);
 # read by the fisher stage and by the train stage when it computes the Fisher itself.
 FISHER_STAGE_KEYS = ("dtype", "attn_implementation", "max_length")
+
+# Environment variables that show which accelerators a scheduler bound to the job.
 DEVICE_ENV_VARS = (
     "CUDA_VISIBLE_DEVICES",
     "SLURM_JOB_ID",

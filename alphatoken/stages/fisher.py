@@ -9,6 +9,7 @@ as safetensors with its provenance in the metadata.
 from __future__ import annotations
 
 import time
+
 import torch
 
 from alphatoken.blocks import decoder_blocks
