@@ -428,6 +428,12 @@ def _right_padded(sequences: list[list[int]], response_lengths: list[int], pad_i
     return input_ids.to(device), real_mask.to(device), response_mask.to(device)
 
 
+# The per-sample gradients of one scored linear are formed for at most this many elements at a time
+# (samples x out x in): 2^26 float32 elements are 256 MiB, where all B of a 9B model's largest linear
+# at once would be B x 4096 x 12288 (about 0.2 GB per sample).
+PER_SAMPLE_ELEMENTS = 2**26
+
+
 class _DiagonalSums:
     """sum_n (grad_W log p_n)^2 of every scored weight, batch by batch; `result` divides by N."""
 
@@ -437,17 +443,26 @@ class _DiagonalSums:
 
     def add(self, names: list[str], inputs: list, errors: list, real_mask: torch.Tensor) -> None:
         """One batch: x (B, T, in) and e (B, T, out) of every call of a scored linear (e None: the call
-        does not influence the response tokens), real_mask (B, T) True on prompt + response tokens."""
-        per_sample = {}
-        keep = real_mask[:, :, None]  # (B, T, 1) padding never contributes
+        does not influence the response tokens), real_mask (B, T) True on prompt + response tokens.
+        One linear at a time, its per-sample gradients (b, out, in) for a chunk of b samples at a time
+        (`PER_SAMPLE_ELEMENTS`): the calls of a linear called twice are summed per sample first."""
+        calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for name, x, e in zip(names, inputs, errors):
-            if e is None:  # this linear does not influence the response tokens
-                continue
-            x = torch.where(keep, x.to(self.dtype), 0.0)  # (B, T, in)
-            g = torch.einsum("bto,bti->boi", e.to(self.dtype), x)  # (B, out, in)
-            per_sample[name] = per_sample[name] + g if name in per_sample else g  # a linear called twice
-        for name, g in per_sample.items():
-            self.sums[name] += g.square().sum(dim=0).to(self.sums[name].device)  # (out, in)
+            if e is not None:  # None: this call does not influence the response tokens
+                calls.setdefault(name, []).append((x, e))
+        keep = real_mask[:, :, None]  # (B, T, 1) padding never contributes
+        n = real_mask.shape[0]
+        for name, pairs in calls.items():
+            out_features, in_features = self.sums[name].shape
+            chunk = max(1, PER_SAMPLE_ELEMENTS // (out_features * in_features))
+            for start in range(0, n, chunk):
+                rows = slice(start, min(start + chunk, n))
+                g = None
+                for x, e in pairs:
+                    x_rows = torch.where(keep[rows], x[rows].to(self.dtype), 0.0)  # (b, T, in)
+                    term = torch.einsum("bto,bti->boi", e[rows].to(self.dtype), x_rows)  # (b, out, in)
+                    g = term if g is None else g + term
+                self.sums[name] += g.square().sum(dim=0).to(self.sums[name].device)  # (out, in)
 
     def result(self, n_samples: int) -> dict[str, torch.Tensor]:
         return {name: (f / n_samples).cpu() for name, f in self.sums.items()}
@@ -500,6 +515,12 @@ def _accumulate_batch(model, capture: _LinearCapture, prompts, responses, pad_id
     acc_dtype = sums.dtype
     capture.clear()
     capture.active = True
+    # No parameter needs a gradient (only the errors at the scored linears' outputs are asked for), so
+    # with requires_grad off the blocks before the cut build no graph and keep no activations, and the
+    # scored linears keep no input for a weight gradient; restored below.
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in grad_flags:
+        p.requires_grad_(False)
     try:
         with torch.enable_grad():
             logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V) causal mask only
@@ -515,6 +536,8 @@ def _accumulate_batch(model, capture: _LinearCapture, prompts, responses, pad_id
     finally:
         capture.active = False
         capture.clear()
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
 
 
 # ----------------------------------------------------------------------------------------------------

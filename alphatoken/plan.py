@@ -27,9 +27,11 @@ V = vocabulary, a = bytes of an activation: 2 under bf16 autocast, else the weig
                 G, F, P, W_ref: 4 x 4 P_K; captured attention bands 2 x 4 B H T W per scored block
                 (band and its gradient); per-token activations and errors of each scored linear
                 4 B T (in + out).
-- Fisher rules  weights w P, activations without checkpointing (the graphs are kept), the per-sample
-                gradients of the scored linears 4 B P_K and F 4 P_K, at fisher.batch_size x
-                fisher.max_length, on one GPU.
+- Fisher rules  weights w P; activations of the last K blocks only (the graph starts at the first
+                scored block, `alphatoken.fisher`), one earlier block's in flight, the head and the loss;
+                the per-sample gradients of one scored linear for a chunk of samples at a time,
+                4 max(out x in, min(B out x in, PER_SAMPLE_ELEMENTS)), and F 4 P_K; at
+                fisher.batch_size x fisher.max_length, on one GPU.
 
 A rule fits when the total is at most `HEADROOM` (90%) of the GPU's memory (the rest: CUDA context,
 allocator fragmentation, NCCL buffers). The GPU: `resources.<rule>.gpu_mem_gb` when set, else the
@@ -197,9 +199,13 @@ def estimate(shape: Shape, run: Run, distributed: str | None = None, checkpointi
         out["weights"] += 2 * 2 * shape.block_params()
     per_layer = a * b * t * _layer_elements(shape, t, run.attn_implementation == "eager")
     if run.fisher:
+        from alphatoken.fisher import PER_SAMPLE_ELEMENTS
+
+        k = min(run.last_k, layers)
         out["gradients"], out["optimizer"] = 0, 0
-        out["activations"] = layers * per_layer + 12 * b * t * shape.vocab_size
-        out["valuation"] = 4 * b * pk + 4 * pk
+        out["activations"] = (k + (1 if k < layers else 0)) * per_layer + 12 * b * t * shape.vocab_size
+        largest = max(i * o for i, o in shape.linears())
+        out["valuation"] = 4 * max(largest, min(b * largest, PER_SAMPLE_ELEMENTS)) + 4 * pk
     else:
         out["gradients"] = w * p // shard + (w * p if distributed == "none" and run.gpus > 1 else 0)
         out["optimizer"] = 2 * w * p // shard

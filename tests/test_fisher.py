@@ -403,3 +403,27 @@ def test_save_refuses_a_fisher_of_other_weights(saved, tmp_path):
         save_fisher(tmp_path / "f.safetensors", partial, model, cfg, num_prompts=7)
     with pytest.raises(ValueError, match="unexpected parameter"):
         save_fisher(tmp_path / "f.safetensors", fisher, model, dataclasses.replace(cfg, last_k=1), num_prompts=7)
+
+
+def test_per_sample_gradients_in_chunks_and_no_graph_before_the_scored_blocks(tokenizer, monkeypatch):
+    """Memory: the per-sample gradients of a linear are formed a few samples at a time (here one), with
+    the same Fisher, and the blocks before the scored ones run without an autograd graph."""
+    import alphatoken.fisher as fisher_module
+
+    model = build_tiny_model("llama", dtype=torch.float64, seed=3)
+    prompts = make_prompts()
+    responses = make_prompts(lengths=(4, 1, 6, 3, 2, 5, 8), seed=9)
+    cfg = FisherConfig(last_k=1, labels="empirical", batch_size=4)
+    whole = compute_fisher(model, tokenizer, prompts, cfg, responses=responses, progress=False)
+    graph_before_scored = []
+    hook = model.model.layers[0].register_forward_hook(
+        lambda module, args, output: graph_before_scored.append((output[0] if isinstance(output, tuple) else output).requires_grad))
+    monkeypatch.setattr(fisher_module, "PER_SAMPLE_ELEMENTS", 1)  # one sample at a time
+    try:
+        chunked = compute_fisher(model, tokenizer, prompts, cfg, responses=responses, progress=False)
+    finally:
+        hook.remove()
+    assert_close(chunked, whole, tol=1e-12)
+    assert_close(chunked, naive_fisher(model, prompts, responses, cfg.last_k))
+    assert graph_before_scored and not any(graph_before_scored)
+    assert all(p.requires_grad for p in model.parameters())  # restored
