@@ -115,6 +115,43 @@ class TrainResult:
     start_step: int = 0  # the step this run resumed from (0: it started from scratch)
 
 
+@dataclass
+class StepStats:
+    """What one optimizer step measured: python floats summed over its micro-batches in order (float64
+    sums), then over the processes by `all_reduce` (one float64 tensor holding the fields)."""
+
+    loss_sum: float = 0.0  # the unnormalised loss: sum_p w_p l_p (SFT), or the DPO surrogate summed over pairs
+    kept: float = 0.0  # sum of the policy's weights (the kept tokens)
+    valid_tokens: float = 0.0  # response (loss) positions
+    token_loss_sum: float = 0.0  # sum of the per-position NLL over the response positions
+    tokens: float = 0.0  # non-padding tokens (attention mask) of the micro-batches
+    nonfinite: float = 0.0  # micro-batches whose loss was not finite (the step is skipped)
+    dpo_loss_sum: float = 0.0  # DPO: the plain DPO loss summed over the pairs
+    correct_pairs: float = 0.0  # DPO: pairs whose implicit reward margin is positive
+    pairs: float = 0.0  # DPO: pairs of the step, its normaliser K
+    sft_normaliser: float = 0.0  # SFT: the step's normaliser K (sum of Policy.normalizer_share)
+
+    def add_micro_batch(self, loss_sum: torch.Tensor, kept: torch.Tensor, valid: torch.Tensor, token_loss: torch.Tensor,
+                        attention_mask: torch.Tensor) -> None:
+        """The sums every micro-batch adds, once its backward is done."""
+        self.loss_sum += float(loss_sum.detach())
+        self.kept += float(kept)
+        self.valid_tokens += float(valid.sum())
+        self.token_loss_sum += float((token_loss.detach() * valid).sum())
+        self.tokens += float(attention_mask.sum())
+
+    def all_reduce(self, world: int) -> None:
+        """Every field summed over the processes, in one all-reduce of one float64 tensor."""
+        names = [f.name for f in dataclasses.fields(self)]
+        total = _all_reduce(torch.tensor([getattr(self, name) for name in names], dtype=torch.float64), world)
+        for name, value in zip(names, total.tolist()):
+            setattr(self, name, value)
+
+    def normaliser(self, preference: bool) -> float:
+        """The step's K: pairs (DPO) or the policy's normaliser (SFT)."""
+        return self.pairs if preference else self.sft_normaliser
+
+
 def _dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -602,12 +639,12 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
     ckpt_dir = out / CHECKPOINT_DIR
 
     # ---- data
-    features, stats = encode_dataset(tokenizer, examples, config.max_length, preference)
+    features, data_stats = encode_dataset(tokenizer, examples, config.max_length, preference)
     pad_id = pad_token_id(tokenizer)
     global_batch = config.micro_batch_size * config.grad_accum_steps * world
     steps_per_epoch = len(features) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(features)} usable training examples ({stats.as_dict()}) are fewer than one global batch of {global_batch}")
+        raise ValueError(f"{len(features)} usable training examples ({data_stats.as_dict()}) are fewer than one global batch of {global_batch}")
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     needs_scores = policy.needs_scores
     val_batch = as_batch(tokenizer, val_data, config.max_length, preference) if needs_scores else None
@@ -801,8 +838,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                 probe_seconds += time.perf_counter() - t_probe
 
             optimizer.zero_grad(set_to_none=True)
-            # (sum w*l, K, n valid, sum l, n tokens, non-finite, dpo loss sum, correct pairs, pairs)
-            acc = torch.zeros(10, dtype=torch.float64)  # ..., [9] the SFT normaliser K (Policy.normalizer_share)
+            stats = StepStats()
             for micro_index in range(rank, len(chunks), world):
                 chunk = chunks[micro_index]
                 if preference:
@@ -822,7 +858,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                 valid = loss_positions(batch["labels"])  # (B, T-1)
                 width = token_loss.shape[1]
                 if not torch.isfinite(token_loss).all():
-                    acc[5] += 1
+                    stats.nonfinite += 1
                     break
                 if preference:
                     b = len(chunk)
@@ -855,9 +891,9 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                         loss_sum = alpha_dpo_loss(token_loss[:b], token_loss[b:], weights[0], weights[1], omega, normalizer=1.0)
                     kept = weights[0].sum() + weights[1].sum()
                     with torch.no_grad():
-                        acc[6] += float(dpo_loss(logit.detach(), normalizer=1.0))
-                        acc[7] += float((logit > 0).sum())
-                        acc[8] += b
+                        stats.dpo_loss_sum += float(dpo_loss(logit.detach(), normalizer=1.0))
+                        stats.correct_pairs += float((logit > 0).sum())
+                        stats.pairs += b
                 else:
                     scores = None
                     if valuer is not None:
@@ -872,23 +908,19 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                     w = policy.weights(ctx, pcfg)  # (B, T-1) detached
                     loss_sum = (w * token_loss).sum()  # unnormalised; divided by the step's K below
                     kept = w.sum()
-                    acc[9] += float(policy.normalizer_share(w, valid, pcfg))
+                    stats.sft_normaliser += float(policy.normalizer_share(w, valid, pcfg))
                 if not torch.isfinite(loss_sum):
-                    acc[5] += 1
+                    stats.nonfinite += 1
                     break
                 if valuer is not None:  # the same gradients, without the head's input gradient a second time
                     valuer.backward(loss_sum, token_loss)
                 else:
                     loss_sum.backward()
-                acc[0] += float(loss_sum.detach())
-                acc[1] += float(kept)
-                acc[2] += float(valid.sum())
-                acc[3] += float((token_loss.detach() * valid).sum())
-                acc[4] += float(batch["attention_mask"].sum())
-            _all_reduce(acc, world)
-            normaliser = acc[8].item() if preference else acc[9].item()
+                stats.add_micro_batch(loss_sum, kept, valid, token_loss, batch["attention_mask"])
+            stats.all_reduce(world)
+            normaliser = stats.normaliser(preference)
             skipped = None
-            if acc[5] > 0:
+            if stats.nonfinite > 0:
                 skipped = "nonfinite"
             elif normaliser == 0:
                 skipped = "all_masked"
@@ -933,18 +965,18 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
             step_seconds.append(elapsed)
             row = {
                 "step": step + 1,
-                "loss": acc[0].item() / normaliser if skipped is None else float("nan"),
-                "token_loss": acc[3].item() / max(1.0, acc[2].item()),
-                "kept_fraction": acc[1].item() / max(1.0, acc[2].item()),
+                "loss": stats.loss_sum / normaliser if skipped is None else float("nan"),
+                "token_loss": stats.token_loss_sum / max(1.0, stats.valid_tokens),
+                "kept_fraction": stats.kept / max(1.0, stats.valid_tokens),
                 "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": acc[4].item() / max(elapsed, 1e-9),
+                "tokens_per_s": stats.tokens / max(elapsed, 1e-9),
                 "grad_norm": grad_norm,
                 "rho": rho,
                 "skipped": skipped or "",
             }
             if preference:
-                row["dpo_loss"] = acc[6].item() / max(1.0, acc[8].item())
-                row["reward_accuracy"] = acc[7].item() / max(1.0, acc[8].item())
+                row["dpo_loss"] = stats.dpo_loss_sum / max(1.0, stats.pairs)
+                row["reward_accuracy"] = stats.correct_pairs / max(1.0, stats.pairs)
             if probe_state is not None and skipped is None:
                 row.update(realised)
             history.append(row)
@@ -977,7 +1009,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
         "steps": len(history) and history[-1]["step"],
         "total_steps": total_steps,
         "world_size": world,
-        "data": stats.as_dict(),
+        "data": data_stats.as_dict(),
         "nonfinite_steps": counters["nonfinite_steps"],
         "all_masked_steps": counters["all_masked_steps"],
         "final_loss": next((r["loss"] for r in reversed(history) if not r["skipped"]), float("nan")),
