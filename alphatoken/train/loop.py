@@ -77,10 +77,10 @@ from alphatoken.losses import (
     token_nll,
     triplet_losses,
 )
-from alphatoken.policies import StepZeroInputs, TokenContext, get_policy, scores_to_loss_positions
+from alphatoken.policies import Policy, StepZeroInputs, TokenContext, get_policy, scores_to_loss_positions
 from alphatoken.policy_inputs import AttentionCapture, embedding_importance, sample_anchor
 from alphatoken.train.config import TrainConfig
-from alphatoken.train.batches import as_batch, collate, collate_pairs, encode_dataset, pad_token_id
+from alphatoken.train.batches import EncodeStats, as_batch, collate, collate_pairs, encode_dataset, pad_token_id
 from alphatoken.train.reference import (
     batch_sha256, features_sha256, load_reference_logps, reference_sequence_logps, reference_token_losses,
 )
@@ -613,8 +613,59 @@ def train_dpo(model, tokenizer, train_pairs, val_pairs, config: TrainConfig, fis
                   reference_logps, fisher_prompts, token_rewards=token_rewards)
 
 
-def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig, fisher, reference, reference_model, out_dir,
-           reference_logps=None, fisher_prompts=None, realisation_data=None, token_rewards=None) -> TrainResult:
+@dataclass
+class _Run:
+    """One training run: what the setup functions below build, in this order (`_start`, the run
+    directory, the step-0 values, LoRA, the valuer, the optimizer, resume, dvclive, the probes), and
+    what the step functions read and update."""
+
+    objective: str  # "sft" or "dpo"
+    config: TrainConfig
+    policy: Policy
+    tokenizer: object
+    model: torch.nn.Module  # LoRA-wrapped once `policy.adapter == "lora"`
+    rank: int
+    world: int
+    device: torch.device
+    out: Path  # the run directory
+    features: list  # the encoded training examples (pairs for DPO), in dataset order
+    data_stats: EncodeStats  # how many examples were kept and skipped
+    pad_id: int
+    global_batch: int  # micro_batch_size * grad_accum_steps * world examples per optimizer step
+    steps_per_epoch: int
+    total_steps: int
+    val_batch: dict | None  # the validation batch of G (policies that score tokens)
+    vcfg: object | None  # the ValuationConfig with the policy's overrides (policies that score tokens)
+    autocast: object  # bf16 autocast on CUDA, else a null context
+    directory: _RunDirectory | None = None
+    ref_losses: list | None = None  # per example: the reference model's per-position NLL (chosen/rejected for DPO)
+    ref_val: torch.Tensor | None = None  # (2Bv,) DPO: the reference's sequence log-probs of the validation pairs
+    ref_net: torch.nn.Module | None = None  # TI-DPO: the frozen reference model
+    stop_ids: list = field(default_factory=list)  # TI-DPO: the tokens that end a sampled anchor
+    policy_values: list | None = None  # the policy's step-0 values (FLOW, XTF) or SePO's token rewards, per example
+    valuer: object | None = None  # TokenValuer (policies that score tokens)
+    val_objective: object | None = None  # DPO: the valuer's validation objective (mean DPO loss)
+    trainable: list = field(default_factory=list)  # parameters with requires_grad, in model order
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: object | None = None
+    start_step: int = 0  # the checkpoint's step when resuming
+    counters: dict = field(default_factory=lambda: {"nonfinite_steps": 0, "all_masked_steps": 0, "consecutive_nonfinite": 0})
+    history: list = field(default_factory=list)  # one row per optimizer step done (replayed from the checkpoint)
+    restored_valuation: bool = False  # the checkpoint's G and P were restored into the valuer
+    live: object | None = None  # dvclive on rank 0
+    realisation: object | None = None  # ValueRealisation on rank 0 when `realisation_every` is set
+
+    @property
+    def preference(self) -> bool:
+        return self.objective == "dpo"
+
+    @property
+    def uses_reference_losses(self) -> bool:
+        return self.preference or self.policy.needs_reference_loss
+
+
+def _start(objective, model, tokenizer, examples, val_data, config: TrainConfig, out_dir, realisation_data, token_rewards) -> _Run:
+    """The arguments checked against each other, the seed set, the data encoded and the run sized."""
     preference = objective == "dpo"
     if config.realisation_every and preference:
         raise ValueError("realisation_every: the value-realisation record is defined for SFT (mean token loss probes); "
@@ -623,7 +674,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
         raise ValueError("realisation_every is set: pass realisation_data (held-out target examples, never trained on)")
     out = Path(out_dir or config.output_dir)
     rank, world = _dist_info()
-    policy, pcfg = get_policy(config.policy.name), config.policy
+    policy = get_policy(config.policy.name)
     if policy.dpo_form != "alpha" and not preference:
         raise ValueError(f"policy {policy.name!r} is a preference-optimisation policy; use train_dpo")
     if policy.needs_token_rewards and token_rewards is None:
@@ -636,172 +687,227 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
     device = next(model.parameters()).device
     seed_everything(config.seed)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out / CHECKPOINT_DIR
 
-    # ---- data
     features, data_stats = encode_dataset(tokenizer, examples, config.max_length, preference)
     pad_id = pad_token_id(tokenizer)
     global_batch = config.micro_batch_size * config.grad_accum_steps * world
     steps_per_epoch = len(features) // global_batch
     if steps_per_epoch == 0:
         raise ValueError(f"{len(features)} usable training examples ({data_stats.as_dict()}) are fewer than one global batch of {global_batch}")
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
-    needs_scores = policy.needs_scores
-    val_batch = as_batch(tokenizer, val_data, config.max_length, preference) if needs_scores else None
-    uses_reference_losses = preference or policy.needs_reference_loss
+    val_batch = as_batch(tokenizer, val_data, config.max_length, preference) if policy.needs_scores else None
     vcfg = None
-    if needs_scores:
+    if policy.needs_scores:
         from alphatoken.valuation import ValuationConfig
 
         vcfg = dataclasses.replace(config.valuation or ValuationConfig(), **policy.valuation_overrides)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (config.bf16 and device.type == "cuda") else contextlib.nullcontext()
+    return _Run(objective, config, policy, tokenizer, model, rank, world, device, out, features, data_stats, pad_id, global_batch, steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch,
+                val_batch, vcfg, autocast)
 
-    # ---- the run directory: resume a checkpoint of this very run, refuse one of another, or start over
+
+def _open_directory(run: _Run, fisher, reference, reference_model, reference_logps, fisher_prompts, token_rewards) -> None:
+    """The run directory: resume a checkpoint of this very run, refuse one of another, or start over
+    (`run.model` still holds the step-0 weights its identity records)."""
     identity = None
-    if rank == 0:  # `model` still holds the step-0 weights
-        identity = _run_identity(objective, config, policy, vcfg, model, features, val_batch, pad_id, world, device, fisher,
-                                 reference, reference_model, reference_logps, fisher_prompts, uses_reference_losses,
-                                 token_rewards)
-    run = _RunDirectory(out, identity, rank, world, device)
-    run.open()
+    if run.rank == 0:
+        identity = _run_identity(run.objective, run.config, run.policy, run.vcfg, run.model, run.features, run.val_batch,
+                                 run.pad_id, run.world, run.device, fisher, reference, reference_model, reference_logps,
+                                 fisher_prompts, run.uses_reference_losses, token_rewards)
+    run.directory = _RunDirectory(run.out, identity, run.rank, run.world, run.device)
+    run.directory.open()
 
-    # ---- reference per-token losses: from the given file (checked against the reference model and
-    # the data), or computed once here (before any update) and cached on disk
-    ref_losses, ref_val = None, None
-    if uses_reference_losses and reference_logps is not None:
-        ref_model = reference_model if reference_model is not None else model  # the weights before any update
-        loaded = load_reference_logps(reference_logps, ref_model, features, val_batch if preference else None,
+
+def _setup_reference_losses(run: _Run, reference_model, reference_logps) -> None:
+    """The reference per-token losses: from the given file (checked against the reference model and the
+    data), or computed once here (before any update) and cached in the run directory."""
+    if not run.uses_reference_losses:
+        return
+    config, features, preference = run.config, run.features, run.preference
+    ref_model = reference_model if reference_model is not None else run.model  # the weights before any update
+    if reference_logps is not None:
+        loaded = load_reference_logps(reference_logps, ref_model, features, run.val_batch if preference else None,
                                       config.max_length, config.micro_batch_size, preference)
-        ref_losses, ref_val = loaded.train, loaded.val
-    elif uses_reference_losses:
-        ref_model = reference_model if reference_model is not None else model
+        run.ref_losses, run.ref_val = loaded.train, loaded.val
+        return
 
-        def load_losses(path):
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if len(saved["train"]) != len(features):
-                raise ValueError(f"cached for {len(saved['train'])} examples, the data has {len(features)}")
-            return saved
+    def load_losses(path):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if len(saved["train"]) != len(features):
+            raise ValueError(f"cached for {len(saved['train'])} examples, the data has {len(features)}")
+        return saved
 
-        def compute_losses():
-            train = reference_token_losses(ref_model, features, pad_id, device, config.micro_batch_size, preference, "reference losses")
-            val = reference_sequence_logps(ref_model, val_batch, device) if preference and val_batch is not None else None  # (2Bv,)
-            return {"train": train, "val": val}
+    def compute_losses():
+        train = reference_token_losses(ref_model, features, run.pad_id, run.device, config.micro_batch_size, preference,
+                                       "reference losses")
+        val = reference_sequence_logps(ref_model, run.val_batch, run.device) if preference and run.val_batch is not None else None  # (2Bv,)
+        return {"train": train, "val": val}
 
-        saved = run.step0_value(REFERENCE_LOSSES, load_losses, compute_losses, lambda path, value: atomic_torch_save(value, path))
-        ref_losses, ref_val = saved["train"], saved.get("val")
+    saved = run.directory.step0_value(REFERENCE_LOSSES, load_losses, compute_losses, lambda path, value: atomic_torch_save(value, path))
+    run.ref_losses, run.ref_val = saved["train"], saved.get("val")
 
-    # ---- TI-DPO: the frozen reference model in memory (full next-token distributions for the KL term)
-    ref_net, stop_ids = None, []
-    if policy.dpo_form == "tdpo":
-        from alphatoken.fisher import stop_token_ids
 
-        ref_net = reference_model if reference_model is not None else copy.deepcopy(model)  # step-0 weights
-        ref_net.eval().requires_grad_(False)
-        stop_ids = stop_token_ids(model, tokenizer)
+def _setup_tidpo_reference(run: _Run, reference_model) -> None:
+    """TI-DPO: the frozen reference model in memory (full next-token distributions for the KL term)."""
+    if run.policy.dpo_form != "tdpo":
+        return
+    from alphatoken.fisher import stop_token_ids
 
-    # ---- the policy's own step-0 values (FLOW's weights, XTF's masks): once, from the reference model;
-    # SePO's token rewards: from the given file, checked against the data
-    policy_values = None
+    run.ref_net = reference_model if reference_model is not None else copy.deepcopy(run.model)  # step-0 weights
+    run.ref_net.eval().requires_grad_(False)
+    run.stop_ids = stop_token_ids(run.model, run.tokenizer)
+
+
+def _setup_policy_values(run: _Run, reference_model, token_rewards) -> None:
+    """The policy's own step-0 values (FLOW's weights, XTF's masks): once, from the reference model,
+    cached in the run directory; SePO's token rewards: from the given file, checked against the data."""
+    policy, features = run.policy, run.features
     if policy.needs_token_rewards:
-        policy_values = load_token_rewards(token_rewards, features)
-    if policy.precompute is not None:
-        inputs = StepZeroInputs(reference_model if reference_model is not None else model, tokenizer, features, ref_losses,
-                                pad_id, device, config.micro_batch_size)
+        run.policy_values = load_token_rewards(token_rewards, features)
+    if policy.precompute is None:
+        return
+    inputs = StepZeroInputs(reference_model if reference_model is not None else run.model, run.tokenizer, features,
+                            run.ref_losses, run.pad_id, run.device, run.config.micro_batch_size)
 
-        def load_values(path):
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if len(saved) != len(features):
-                raise ValueError(f"cached for {len(saved)} examples, the data has {len(features)}")
-            return saved
+    def load_values(path):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if len(saved) != len(features):
+            raise ValueError(f"cached for {len(saved)} examples, the data has {len(features)}")
+        return saved
 
-        policy_values = run.step0_value(POLICY_VALUES, load_values,
-                                        lambda: [v.detach().cpu() for v in policy.precompute(inputs, pcfg)],
-                                        lambda path, value: atomic_torch_save(value, path))
+    run.policy_values = run.directory.step0_value(POLICY_VALUES, load_values,
+                                                  lambda: [v.detach().cpu() for v in policy.precompute(inputs, run.config.policy)],
+                                                  lambda path, value: atomic_torch_save(value, path))
 
-    # ---- LoRA adapters, before the valuer: a LoRA scoring policy scores the factors
-    if policy.adapter == "lora":
-        model = _wrap_lora(model, pcfg)
 
-    # ---- valuer (policies that need token values)
-    valuer = None
-    if fisher_prompts is not None and not needs_scores:
-        raise ValueError(f"fisher_prompts: policy {policy.name!r} does not score tokens, so it uses no Fisher")
-    if needs_scores:
-        from alphatoken.valuation import TokenValuer
+def _setup_valuer(run: _Run, fisher, reference, fisher_prompts) -> None:
+    """The valuer of the policies that score tokens, with the Fisher (given, or computed at step 0 from
+    `fisher_prompts`) and the reference weights of the retention proxy (given, or the step-0 weights)."""
+    if fisher_prompts is not None and not run.policy.needs_scores:
+        raise ValueError(f"fisher_prompts: policy {run.policy.name!r} does not score tokens, so it uses no Fisher")
+    if not run.policy.needs_scores:
+        return
+    from alphatoken.valuation import TokenValuer
 
-        if fisher_prompts is not None:
-            if fisher is not None:
-                raise ValueError("pass either `fisher` or `fisher_prompts` (to compute it at step 0), not both")
-            fisher = _step0_fisher(model, tokenizer, fisher_prompts, vcfg.last_k, run, device, config.progress)
-        if fisher is not None and reference is None:
-            params = dict(model.named_parameters())
-            reference = run.step0_value(
-                REFERENCE_WEIGHTS,
-                load=lambda path: torch.load(path, map_location=device, weights_only=True),
-                compute=lambda: {name: params[name].detach().clone() for name in scored_linears(model, vcfg.last_k)},
-                save=lambda path, value: atomic_torch_save({k: v.cpu() for k, v in value.items()}, path),
-            )
-        valuer = TokenValuer(model, vcfg, fisher=fisher, reference=reference)
-        val_batch = _to(val_batch, device)
-        val_objective = _dpo_objective(config.dpo_beta, ref_val) if preference else None
+    model, vcfg, device = run.model, run.vcfg, run.device
+    if fisher_prompts is not None:
+        if fisher is not None:
+            raise ValueError("pass either `fisher` or `fisher_prompts` (to compute it at step 0), not both")
+        fisher = _step0_fisher(model, run.tokenizer, fisher_prompts, vcfg.last_k, run.directory, device, run.config.progress)
+    if fisher is not None and reference is None:
+        params = dict(model.named_parameters())
+        reference = run.directory.step0_value(
+            REFERENCE_WEIGHTS,
+            load=lambda path: torch.load(path, map_location=device, weights_only=True),
+            compute=lambda: {name: params[name].detach().clone() for name in scored_linears(model, vcfg.last_k)},
+            save=lambda path, value: atomic_torch_save({k: v.cpu() for k, v in value.items()}, path),
+        )
+    run.valuer = TokenValuer(model, vcfg, fisher=fisher, reference=reference)
+    run.val_batch = _to(run.val_batch, device)
+    run.val_objective = _dpo_objective(run.config.dpo_beta, run.ref_val) if run.preference else None
 
-    # ---- optimiser, schedule
+
+def _setup_optimizer(run: _Run) -> None:
+    """Gradient checkpointing, the weights of rank 0 on every rank, the trainable parameters, the
+    optimizer and the learning-rate schedule."""
+    model, config = run.model, run.config
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.train()
-    if world > 1:
+    if run.world > 1:
         with torch.no_grad():
             for p in model.parameters():
                 dist.broadcast(p.data, src=0)
-    _freeze_unscored(model, config, policy)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(model, config)
-    warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total_steps, config.lr_schedule))
+    _freeze_unscored(model, config, run.policy)
+    run.trainable = [p for p in model.parameters() if p.requires_grad]
+    run.optimizer = _optimizer(model, config)
+    warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * run.total_steps)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer,
+                                                      lambda s: _lr_factor(s, warmup, run.total_steps, config.lr_schedule))
 
-    # ---- resume: the checkpoint's state, including G and P when its step falls inside a refresh period
-    refresh = config.val_refresh_every
-    start_step, counters, history = 0, {"nonfinite_steps": 0, "all_masked_steps": 0, "consecutive_nonfinite": 0}, []
-    restored_valuation = False
-    state = run.read_state((lambda step: step % refresh != 0) if valuer is not None else None)
+
+def _resume(run: _Run) -> None:
+    """The checkpoint's state when resuming, including G and P when its step falls inside a refresh
+    period."""
+    refresh = run.config.val_refresh_every
+    state = run.directory.read_state((lambda step: step % refresh != 0) if run.valuer is not None else None)
     if state is not None:
-        start_step, extra = apply_checkpoint(state, model, optimizer, scheduler)
-        counters, history = extra["counters"], extra["history"]
-        if valuer is not None and extra.get("valuation"):
-            _restore_valuer_state(valuer, extra["valuation"], device)
-            restored_valuation = True
-        del state
-        log.info("%s: resuming from the checkpoint of step %d", out, start_step)
-    if world > 1:
+        run.start_step, extra = apply_checkpoint(state, run.model, run.optimizer, run.scheduler)
+        run.counters, run.history = extra["counters"], extra["history"]
+        if run.valuer is not None and extra.get("valuation"):
+            _restore_valuer_state(run.valuer, extra["valuation"], run.device)
+            run.restored_valuation = True
+        log.info("%s: resuming from the checkpoint of step %d", run.out, run.start_step)
+    if run.world > 1:
         dist.barrier()
 
-    live = None
-    if rank == 0:
-        from dvclive import Live
 
-        live_dir = out / LIVE_DIR
-        # a fresh dvclive directory with the checkpoint's rows replayed: equal, row for row, to the
-        # rows of an uninterrupted run (no duplicates of steps logged after the checkpoint)
-        live = Live(str(live_dir), save_dvc_exp=False, resume=False, dvcyaml=str(live_dir / "dvc.yaml"))
-        live.log_params({"objective": objective, "policy": policy.name, "rho": pcfg.rho, "seed": config.seed, "world_size": world})
-        logged = [row for row in history if row["step"] % config.log_every == 0]
-        for row in logged:
-            _log_live_row(live, row)
-        if logged:
-            live.next_step()
+def _open_live(run: _Run) -> None:
+    """dvclive on rank 0: a fresh directory with the checkpoint's rows replayed, equal, row for row, to
+    the rows of an uninterrupted run (no duplicates of steps logged after the checkpoint)."""
+    if run.rank != 0:
+        return
+    from dvclive import Live
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (config.bf16 and device.type == "cuda") else contextlib.nullcontext()
-    realisation = None
-    if config.realisation_every and rank == 0:  # replicated weights: rank 0 records for all
-        from alphatoken.train.realisation import ValueRealisation
-        from alphatoken.valuation import ValuationConfig
+    live_dir = run.out / LIVE_DIR
+    run.live = Live(str(live_dir), save_dvc_exp=False, resume=False, dvcyaml=str(live_dir / "dvc.yaml"))
+    run.live.log_params({"objective": run.objective, "policy": run.policy.name, "rho": run.config.policy.rho,
+                         "seed": run.config.seed, "world_size": run.world})
+    logged = [row for row in run.history if row["step"] % run.config.log_every == 0]
+    for row in logged:
+        _log_live_row(run.live, row)
+    if logged:
+        run.live.next_step()
 
-        scored_names = set(scored_linears(model, (vcfg or config.valuation or ValuationConfig()).last_k))
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # the order of `trainable`
-        probes = {"val": _probe_features(tokenizer, val_data, config.max_length, "validation"),
-                  "heldout": _probe_features(tokenizer, realisation_data, config.max_length, "held-out")}
-        realisation = ValueRealisation(probes, [p for _, p in named], [name in scored_names for name, _ in named],
-                                       pad_id, device, chunk=config.micro_batch_size, autocast=autocast)
+
+def _setup_realisation(run: _Run, val_data, realisation_data) -> None:
+    """The value-realisation probes of every `realisation_every`-th step, on rank 0 (the weights are
+    replicated: rank 0 records for all)."""
+    config = run.config
+    if not (config.realisation_every and run.rank == 0):
+        return
+    from alphatoken.train.realisation import ValueRealisation
+    from alphatoken.valuation import ValuationConfig
+
+    scored_names = set(scored_linears(run.model, (run.vcfg or config.valuation or ValuationConfig()).last_k))
+    named = [(name, p) for name, p in run.model.named_parameters() if p.requires_grad]  # the order of `trainable`
+    probes = {"val": _probe_features(run.tokenizer, val_data, config.max_length, "validation"),
+              "heldout": _probe_features(run.tokenizer, realisation_data, config.max_length, "held-out")}
+    run.realisation = ValueRealisation(probes, [p for _, p in named], [name in scored_names for name, _ in named],
+                                       run.pad_id, run.device, chunk=config.micro_batch_size, autocast=run.autocast)
+
+
+def _setup(objective, model, tokenizer, examples, val_data, config: TrainConfig, fisher, reference, reference_model, out_dir,
+           reference_logps, fisher_prompts, realisation_data, token_rewards) -> _Run:
+    """Every piece of the run before its first step, in the order that fixes the RNG draws."""
+    run = _start(objective, model, tokenizer, examples, val_data, config, out_dir, realisation_data, token_rewards)
+    _open_directory(run, fisher, reference, reference_model, reference_logps, fisher_prompts, token_rewards)
+    _setup_reference_losses(run, reference_model, reference_logps)
+    _setup_tidpo_reference(run, reference_model)
+    _setup_policy_values(run, reference_model, token_rewards)
+    if run.policy.adapter == "lora":  # before the valuer: a LoRA scoring policy scores the factors
+        run.model = _wrap_lora(run.model, config.policy)
+    _setup_valuer(run, fisher, reference, fisher_prompts)
+    _setup_optimizer(run)
+    _resume(run)
+    _open_live(run)
+    _setup_realisation(run, val_data, realisation_data)
+    return run
+
+
+def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig, fisher, reference, reference_model, out_dir,
+           reference_logps=None, fisher_prompts=None, realisation_data=None, token_rewards=None) -> TrainResult:
+    run = _setup(objective, model, tokenizer, examples, val_data, config, fisher, reference, reference_model, out_dir,
+                 reference_logps, fisher_prompts, realisation_data, token_rewards)
+    model, policy, pcfg, rank, world, device, out = run.model, run.policy, config.policy, run.rank, run.world, run.device, run.out
+    preference, features, data_stats, pad_id = run.preference, run.features, run.data_stats, run.pad_id
+    global_batch, steps_per_epoch, total_steps = run.global_batch, run.steps_per_epoch, run.total_steps
+    valuer, val_batch, val_objective, ref_losses = run.valuer, run.val_batch, run.val_objective, run.ref_losses
+    ref_net, stop_ids, policy_values = run.ref_net, run.stop_ids, run.policy_values
+    optimizer, scheduler, trainable, start_step = run.optimizer, run.scheduler, run.trainable, run.start_step
+    counters, history, restored_valuation = run.counters, run.history, run.restored_valuation
+    live, realisation, autocast = run.live, run.realisation, run.autocast
+    refresh, ckpt_dir = config.val_refresh_every, run.directory.checkpoint_dir
     step_seconds = []  # per optimizer step of this process, without the realisation probes
     bar = tqdm(total=total_steps, initial=start_step, desc=f"{objective}:{policy.name}", disable=not (config.progress and rank == 0))
     orders: dict[int, list[int]] = {}
@@ -1052,7 +1158,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
             "note": "wall-clock seconds per optimizer step of this process (a resumed run times only its own steps; "
                     "the value-realisation probes are excluded)"}, indent=2))
         live.end()
-        run.finish()  # the checkpoint is removed only once final/ and metrics.json are complete
+        run.directory.finish()  # the checkpoint is removed only once final/ and metrics.json are complete
     if world > 1:
         dist.barrier()
     return TrainResult(model, total_steps, False, final_dir or out / FINAL_DIR, summary, start_step)
