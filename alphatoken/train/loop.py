@@ -702,7 +702,8 @@ def _start(objective, model, tokenizer, examples, val_data, config: TrainConfig,
     global_batch = config.micro_batch_size * config.grad_accum_steps * world
     steps_per_epoch = len(features) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(features)} usable training examples ({data_stats.as_dict()}) are fewer than one global batch of {global_batch}")
+        raise ValueError(f"{len(features)} usable training examples ({data_stats.as_dict()}) are fewer than one global batch "
+                         f"of {global_batch}")
     val_batch = as_batch(tokenizer, val_data, config.max_length, preference) if policy.needs_scores else None
     vcfg = None
     if policy.needs_scores:
@@ -710,8 +711,9 @@ def _start(objective, model, tokenizer, examples, val_data, config: TrainConfig,
 
         vcfg = dataclasses.replace(config.valuation or ValuationConfig(), **policy.valuation_overrides)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (config.bf16 and device.type == "cuda") else contextlib.nullcontext()
-    return _Run(objective, config, policy, tokenizer, model, rank, world, device, out, features, data_stats, pad_id, global_batch, steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch,
-                val_batch, vcfg, autocast)
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    return _Run(objective, config, policy, tokenizer, model, rank, world, device, out, features, data_stats, pad_id,
+                global_batch, steps_per_epoch, total_steps, val_batch, vcfg, autocast)
 
 
 def _open_directory(run: _Run, fisher, reference, reference_model, reference_logps, fisher_prompts, token_rewards) -> None:
@@ -748,10 +750,13 @@ def _setup_reference_losses(run: _Run, reference_model, reference_logps) -> None
     def compute_losses():
         train = reference_token_losses(ref_model, features, run.pad_id, run.device, config.micro_batch_size, preference,
                                        "reference losses")
-        val = reference_sequence_logps(ref_model, run.val_batch, run.device) if preference and run.val_batch is not None else None  # (2Bv,)
+        val = None
+        if preference and run.val_batch is not None:
+            val = reference_sequence_logps(ref_model, run.val_batch, run.device)  # (2Bv,)
         return {"train": train, "val": val}
 
-    saved = run.directory.step0_value(REFERENCE_LOSSES, load_losses, compute_losses, lambda path, value: atomic_torch_save(value, path))
+    saved = run.directory.step0_value(REFERENCE_LOSSES, load_losses, compute_losses,
+                                      lambda path, value: atomic_torch_save(value, path))
     run.ref_losses, run.ref_val = saved["train"], saved.get("val")
 
 
@@ -936,7 +941,8 @@ def _train_step(run: _Run, step: int, flag: PreemptionFlag) -> bool:
     mb = config.micro_batch_size
     chunks = [step_indices[j * mb : (j + 1) * mb] for j in range(config.grad_accum_steps * run.world)]
     rho = config.policy.rho_at(step / max(1, run.total_steps - 1))
-    if run.valuer is not None and (step % config.val_refresh_every == 0 or (step == run.start_step and not run.restored_valuation)):
+    without_directions = step == run.start_step and not run.restored_valuation  # no G and P from a checkpoint
+    if run.valuer is not None and (step % config.val_refresh_every == 0 or without_directions):
         run.valuer.set_validation(run.val_batch, objective=run.val_objective)
     probe_state, probe_seconds = None, 0.0
     if run.realisation is not None and (step + 1) % config.realisation_every == 0:  # every n-th step
@@ -980,10 +986,13 @@ def _sft_micro_step(run: _Run, stats: StepStats, chunk: list[int], micro_index: 
     scores = None
     if valuer is not None:
         scores = scores_to_loss_positions(valuer.score_captured(batch, token_loss, components=False))
-    ref = _pad_rows([run.ref_losses[i] for i in chunk], width, token_loss) if run.ref_losses is not None else None  # (B, T-1)
-    values = _pad_rows([run.policy_values[i] for i in chunk], width, token_loss) if run.policy_values is not None else None
+    ref = values = None
+    if run.ref_losses is not None:
+        ref = _pad_rows([run.ref_losses[i] for i in chunk], width, token_loss)  # (B, T-1)
+    if run.policy_values is not None:
+        values = _pad_rows([run.policy_values[i] for i in chunk], width, token_loss)  # (B, T-1)
     attention = run.attention_capture.values[0] if run.attention_capture is not None else None  # (B, T, T)
-    first = position * run.global_batch + micro_index * config.micro_batch_size  # epoch position of the chunk's first example
+    first = position * run.global_batch + micro_index * config.micro_batch_size  # epoch position of the first example
     ctx = TokenContext(valid, token_loss.detach(), rho, scores, ref, _policy_generator(config.seed, step, micro_index, 0),
                        precomputed=values, attention=attention,
                        epoch_position=torch.arange(first, first + len(chunk), device=valid.device))
@@ -1024,7 +1033,8 @@ def _dpo_micro_step(run: _Run, stats: StepStats, chunk: list[int], micro_index: 
         stats.nonfinite += 1
         return False
     b = len(chunk)
-    ref = _pad_rows([run.ref_losses[i]["chosen"] for i in chunk] + [run.ref_losses[i]["rejected"] for i in chunk], width, token_loss)  # (2b, T-1)
+    rows = [run.ref_losses[i]["chosen"] for i in chunk] + [run.ref_losses[i]["rejected"] for i in chunk]
+    ref = _pad_rows(rows, width, token_loss)  # (2b, T-1)
     logps, ref_logps = -token_loss.sum(dim=1), -ref.sum(dim=1)  # (2b,)
     logit = dpo_logit(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], config.dpo_beta)  # (b,)
     omega = dpo_weight(logit, config.dpo_beta)  # (b,)
@@ -1034,7 +1044,8 @@ def _dpo_micro_step(run: _Run, stats: StepStats, chunk: list[int], micro_index: 
         scores = valuer.score_captured(batch, token_loss, example_scale=scale, components=False)  # label-aligned (2b, T)
     values = None
     if run.policy_values is not None:  # SePO's token rewards, per branch
-        values = _pad_rows([run.policy_values[i]["chosen"] for i in chunk] + [run.policy_values[i]["rejected"] for i in chunk], width, token_loss)  # (2b, T-1)
+        rows = [run.policy_values[i]["chosen"] for i in chunk] + [run.policy_values[i]["rejected"] for i in chunk]
+        values = _pad_rows(rows, width, token_loss)  # (2b, T-1)
     weights = _dpo_branch_weights(run, token_loss, valid, ref, scores, values, importance, rho, step, micro_index, b)
     loss_sum = _dpo_loss_sum(run, batch, logits, token_loss, ref, weights, omega, step, micro_index, b)
     kept = weights[0].sum() + weights[1].sum()
@@ -1073,7 +1084,8 @@ def _dpo_loss_sum(run: _Run, batch: dict, logits, token_loss, ref, weights: list
     """The policy's DPO loss of the micro-batch, summed over its pairs (`Policy.dpo_form`)."""
     config, form = run.config, run.policy.dpo_form
     if form == "masked_logit":  # ConfPO: the masks inside the DPO logit
-        return masked_dpo_loss(token_loss[:b], token_loss[b:], ref[:b], ref[b:], weights[0], weights[1], config.dpo_beta, normalizer=1.0)
+        return masked_dpo_loss(token_loss[:b], token_loss[b:], ref[:b], ref[b:], weights[0], weights[1], config.dpo_beta,
+                               normalizer=1.0)
     if form == "tdpo":
         return _tidpo_loss_sum(run.model, run.ref_net, batch, logits, token_loss, weights, config.policy, config, run.pad_id,
                                _policy_generator(config.seed, step, micro_index, 2), run.stop_ids, run.autocast)
@@ -1270,7 +1282,8 @@ def _write_outputs(run: _Run, model, summary: dict) -> Path:
 
     def write_final(tmp: Path):
         save_pretrained(model, run.tokenizer, tmp)
-        (tmp / "train_config.json").write_text(json.dumps({"objective": run.objective, **run.config.to_dict()}, indent=2, default=str))
+        settings = {"objective": run.objective, **run.config.to_dict()}
+        (tmp / "train_config.json").write_text(json.dumps(settings, indent=2, default=str))
 
     out, step_seconds = run.out, run.step_seconds
     final_dir = write_directory(out / FINAL_DIR, write_final)
