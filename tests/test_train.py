@@ -1,6 +1,7 @@
 """SFT loop: equals a hand-written SFT loop, micro-batch invariance, every policy trains, bad input,
 final Hugging Face checkpoint. Tiny float64 models built here."""
 
+import dataclasses
 import json
 import math
 
@@ -190,3 +191,38 @@ def test_scoring_does_not_disturb_the_update(tmp_path, tokenizer):
     plain = train_sft(build_tiny_model("qwen2"), tokenizer, examples(), None, config(tmp_path / "b"))
     assert scored.metrics["mean_kept_fraction"] == 1.0
     assert max_param_diff(scored.model, plain.model) == 0.0
+
+
+def test_step_stats_sum_as_float64_and_reduce_in_one_all_reduce(monkeypatch):
+    """StepStats adds each micro-batch's float32 sums as float64, bit for bit as a float64 tensor
+    accumulator does, and sums its fields over the processes with one all-reduce of one float64
+    tensor (here a stand-in for two identical ranks)."""
+    import alphatoken.train.loop as loop
+
+    g = torch.Generator().manual_seed(0)
+    stats, twin = loop.StepStats(), torch.zeros(5, dtype=torch.float64)
+    for _ in range(7):
+        token_loss = torch.rand(3, 5, generator=g) * 10  # (B, T-1) float32
+        valid = torch.rand(3, 5, generator=g) > 0.3
+        w = valid * torch.rand(3, 5, generator=g)
+        loss_sum, mask = (w * token_loss).sum(), torch.ones(3, 6)
+        stats.add_micro_batch(loss_sum, w.sum(), valid, token_loss, mask)
+        for i, value in enumerate((loss_sum, w.sum(), valid.sum(), (token_loss * valid).sum(), mask.sum())):
+            twin[i] += float(value)
+    assert [stats.loss_sum, stats.kept, stats.valid_tokens, stats.token_loss_sum, stats.tokens] == twin.tolist()
+    assert torch.tensor(stats.loss_sum, dtype=torch.float32).item() != stats.loss_sum  # a float64 sum, not rounded to float32
+
+    calls = []
+
+    def all_reduce(tensor, world):  # two ranks holding the same sums
+        calls.append((tensor.dtype, tensor.numel(), world))
+        tensor.mul_(2)
+        return tensor
+
+    monkeypatch.setattr(loop, "_all_reduce", all_reduce)
+    stats.pairs, stats.sft_normaliser = 3.0, 0.1
+    before = dataclasses.asdict(stats)
+    stats.all_reduce(2)
+    assert calls == [(torch.float64, len(before), 2)]
+    assert dataclasses.asdict(stats) == {name: 2 * value for name, value in before.items()}
+    assert stats.normaliser(preference=True) == 6.0 and stats.normaliser(preference=False) == 0.2

@@ -34,6 +34,11 @@ fields); without a checkpoint, files of another identity are removed and the run
 file is written atomically (`alphatoken.checkpoint`); an unreadable cache is recomputed, an
 unreadable checkpoint (or a recomputed step-0 value that differs from the one it was trained with)
 restarts the run from step 0, with a warning.
+
+The code reads as a recipe: `_setup` builds a `_Run` (data, run directory, step-0 values, LoRA,
+valuer, optimizer, resume, dvclive, probes), then `_train_step` per optimizer step: `_sft_micro_step`
+or `_dpo_micro_step` per micro-batch, adding to the step's `StepStats`; `_reduce_and_update`;
+`_log_step`; `_end_step` (stop or checkpoint); and `_finish` writes the final model and metrics.
 """
 
 from __future__ import annotations
@@ -77,10 +82,10 @@ from alphatoken.losses import (
     token_nll,
     triplet_losses,
 )
-from alphatoken.policies import StepZeroInputs, TokenContext, get_policy, scores_to_loss_positions
+from alphatoken.policies import Policy, StepZeroInputs, TokenContext, get_policy, scores_to_loss_positions
 from alphatoken.policy_inputs import AttentionCapture, embedding_importance, sample_anchor
 from alphatoken.train.config import TrainConfig
-from alphatoken.train.batches import as_batch, collate, collate_pairs, encode_dataset, pad_token_id
+from alphatoken.train.batches import EncodeStats, as_batch, collate, collate_pairs, encode_dataset, pad_token_id
 from alphatoken.train.reference import (
     batch_sha256, features_sha256, load_reference_logps, reference_sequence_logps, reference_token_losses,
 )
@@ -113,6 +118,43 @@ class TrainResult:
     final_dir: Path | None  # HF checkpoint directory (None when preempted)
     metrics: dict = field(default_factory=dict)  # summary also written to metrics.json
     start_step: int = 0  # the step this run resumed from (0: it started from scratch)
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step measured: python floats summed over its micro-batches in order (float64
+    sums), then over the processes by `all_reduce` (one float64 tensor holding the fields)."""
+
+    loss_sum: float = 0.0  # the unnormalised loss: sum_p w_p l_p (SFT), or the DPO surrogate summed over pairs
+    kept: float = 0.0  # sum of the policy's weights (the kept tokens)
+    valid_tokens: float = 0.0  # response (loss) positions
+    token_loss_sum: float = 0.0  # sum of the per-position NLL over the response positions
+    tokens: float = 0.0  # non-padding tokens (attention mask) of the micro-batches
+    nonfinite: float = 0.0  # micro-batches whose loss was not finite (the step is skipped)
+    dpo_loss_sum: float = 0.0  # DPO: the plain DPO loss summed over the pairs
+    correct_pairs: float = 0.0  # DPO: pairs whose implicit reward margin is positive
+    pairs: float = 0.0  # DPO: pairs of the step, its normaliser K
+    sft_normaliser: float = 0.0  # SFT: the step's normaliser K (sum of Policy.normalizer_share)
+
+    def add_micro_batch(self, loss_sum: torch.Tensor, kept: torch.Tensor, valid: torch.Tensor, token_loss: torch.Tensor,
+                        attention_mask: torch.Tensor) -> None:
+        """The sums every micro-batch adds, once its backward is done."""
+        self.loss_sum += float(loss_sum.detach())
+        self.kept += float(kept)
+        self.valid_tokens += float(valid.sum())
+        self.token_loss_sum += float((token_loss.detach() * valid).sum())
+        self.tokens += float(attention_mask.sum())
+
+    def all_reduce(self, world: int) -> None:
+        """Every field summed over the processes, in one all-reduce of one float64 tensor."""
+        names = [f.name for f in dataclasses.fields(self)]
+        total = _all_reduce(torch.tensor([getattr(self, name) for name in names], dtype=torch.float64), world)
+        for name, value in zip(names, total.tolist()):
+            setattr(self, name, value)
+
+    def normaliser(self, preference: bool) -> float:
+        """The step's K: pairs (DPO) or the policy's normaliser (SFT)."""
+        return self.pairs if preference else self.sft_normaliser
 
 
 def _dist_info() -> tuple[int, int]:
@@ -576,8 +618,63 @@ def train_dpo(model, tokenizer, train_pairs, val_pairs, config: TrainConfig, fis
                   reference_logps, fisher_prompts, token_rewards=token_rewards)
 
 
-def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig, fisher, reference, reference_model, out_dir,
-           reference_logps=None, fisher_prompts=None, realisation_data=None, token_rewards=None) -> TrainResult:
+@dataclass
+class _Run:
+    """One training run: what the setup functions below build, in this order (`_start`, the run
+    directory, the step-0 values, LoRA, the valuer, the optimizer, resume, dvclive, the probes), and
+    what the step functions read and update."""
+
+    objective: str  # "sft" or "dpo"
+    config: TrainConfig
+    policy: Policy
+    tokenizer: object
+    model: torch.nn.Module  # LoRA-wrapped once `policy.adapter == "lora"`
+    rank: int
+    world: int
+    device: torch.device
+    out: Path  # the run directory
+    features: list  # the encoded training examples (pairs for DPO), in dataset order
+    data_stats: EncodeStats  # how many examples were kept and skipped
+    pad_id: int
+    global_batch: int  # micro_batch_size * grad_accum_steps * world examples per optimizer step
+    steps_per_epoch: int
+    total_steps: int
+    val_batch: dict | None  # the validation batch of G (policies that score tokens)
+    vcfg: object | None  # the ValuationConfig with the policy's overrides (policies that score tokens)
+    autocast: object  # bf16 autocast on CUDA, else a null context
+    directory: _RunDirectory | None = None
+    ref_losses: list | None = None  # per example: the reference model's per-position NLL (chosen/rejected for DPO)
+    ref_val: torch.Tensor | None = None  # (2Bv,) DPO: the reference's sequence log-probs of the validation pairs
+    ref_net: torch.nn.Module | None = None  # TI-DPO: the frozen reference model
+    stop_ids: list = field(default_factory=list)  # TI-DPO: the tokens that end a sampled anchor
+    policy_values: list | None = None  # the policy's step-0 values (FLOW, XTF) or SePO's token rewards, per example
+    valuer: object | None = None  # TokenValuer (policies that score tokens)
+    val_objective: object | None = None  # DPO: the valuer's validation objective (mean DPO loss)
+    trainable: list = field(default_factory=list)  # parameters with requires_grad, in model order
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: object | None = None
+    start_step: int = 0  # the checkpoint's step when resuming
+    counters: dict = field(default_factory=lambda: {"nonfinite_steps": 0, "all_masked_steps": 0, "consecutive_nonfinite": 0})
+    history: list = field(default_factory=list)  # one row per optimizer step done (replayed from the checkpoint)
+    restored_valuation: bool = False  # the checkpoint's G and P were restored into the valuer
+    live: object | None = None  # dvclive on rank 0
+    realisation: object | None = None  # ValueRealisation on rank 0 when `realisation_every` is set
+    attention_capture: AttentionCapture | None = None  # ssToken: the last block's attention of each forward
+    bar: object | None = None  # the progress bar
+    orders: dict = field(default_factory=dict)  # epoch -> its data order (the current epoch only)
+    step_seconds: list = field(default_factory=list)  # per optimizer step of this process, without the realisation probes
+
+    @property
+    def preference(self) -> bool:
+        return self.objective == "dpo"
+
+    @property
+    def uses_reference_losses(self) -> bool:
+        return self.preference or self.policy.needs_reference_loss
+
+
+def _start(objective, model, tokenizer, examples, val_data, config: TrainConfig, out_dir, realisation_data, token_rewards) -> _Run:
+    """The arguments checked against each other, the seed set, the data encoded and the run sized."""
     preference = objective == "dpo"
     if config.realisation_every and preference:
         raise ValueError("realisation_every: the value-realisation record is defined for SFT (mean token loss probes); "
@@ -586,7 +683,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
         raise ValueError("realisation_every is set: pass realisation_data (held-out target examples, never trained on)")
     out = Path(out_dir or config.output_dir)
     rank, world = _dist_info()
-    policy, pcfg = get_policy(config.policy.name), config.policy
+    policy = get_policy(config.policy.name)
     if policy.dpo_form != "alpha" and not preference:
         raise ValueError(f"policy {policy.name!r} is a preference-optimisation policy; use train_dpo")
     if policy.needs_token_rewards and token_rewards is None:
@@ -599,428 +696,604 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
     device = next(model.parameters()).device
     seed_everything(config.seed)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out / CHECKPOINT_DIR
 
-    # ---- data
-    features, stats = encode_dataset(tokenizer, examples, config.max_length, preference)
+    features, data_stats = encode_dataset(tokenizer, examples, config.max_length, preference)
     pad_id = pad_token_id(tokenizer)
     global_batch = config.micro_batch_size * config.grad_accum_steps * world
     steps_per_epoch = len(features) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(features)} usable training examples ({stats.as_dict()}) are fewer than one global batch of {global_batch}")
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
-    needs_scores = policy.needs_scores
-    val_batch = as_batch(tokenizer, val_data, config.max_length, preference) if needs_scores else None
-    uses_reference_losses = preference or policy.needs_reference_loss
+        raise ValueError(f"{len(features)} usable training examples ({data_stats.as_dict()}) are fewer than one global batch "
+                         f"of {global_batch}")
+    val_batch = as_batch(tokenizer, val_data, config.max_length, preference) if policy.needs_scores else None
     vcfg = None
-    if needs_scores:
+    if policy.needs_scores:
         from alphatoken.valuation import ValuationConfig
 
         vcfg = dataclasses.replace(config.valuation or ValuationConfig(), **policy.valuation_overrides)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (config.bf16 and device.type == "cuda") else contextlib.nullcontext()
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    return _Run(objective, config, policy, tokenizer, model, rank, world, device, out, features, data_stats, pad_id,
+                global_batch, steps_per_epoch, total_steps, val_batch, vcfg, autocast)
 
-    # ---- the run directory: resume a checkpoint of this very run, refuse one of another, or start over
+
+def _open_directory(run: _Run, fisher, reference, reference_model, reference_logps, fisher_prompts, token_rewards) -> None:
+    """The run directory: resume a checkpoint of this very run, refuse one of another, or start over
+    (`run.model` still holds the step-0 weights its identity records)."""
     identity = None
-    if rank == 0:  # `model` still holds the step-0 weights
-        identity = _run_identity(objective, config, policy, vcfg, model, features, val_batch, pad_id, world, device, fisher,
-                                 reference, reference_model, reference_logps, fisher_prompts, uses_reference_losses,
-                                 token_rewards)
-    run = _RunDirectory(out, identity, rank, world, device)
-    run.open()
+    if run.rank == 0:
+        identity = _run_identity(run.objective, run.config, run.policy, run.vcfg, run.model, run.features, run.val_batch,
+                                 run.pad_id, run.world, run.device, fisher, reference, reference_model, reference_logps,
+                                 fisher_prompts, run.uses_reference_losses, token_rewards)
+    run.directory = _RunDirectory(run.out, identity, run.rank, run.world, run.device)
+    run.directory.open()
 
-    # ---- reference per-token losses: from the given file (checked against the reference model and
-    # the data), or computed once here (before any update) and cached on disk
-    ref_losses, ref_val = None, None
-    if uses_reference_losses and reference_logps is not None:
-        ref_model = reference_model if reference_model is not None else model  # the weights before any update
-        loaded = load_reference_logps(reference_logps, ref_model, features, val_batch if preference else None,
+
+def _setup_reference_losses(run: _Run, reference_model, reference_logps) -> None:
+    """The reference per-token losses: from the given file (checked against the reference model and the
+    data), or computed once here (before any update) and cached in the run directory."""
+    if not run.uses_reference_losses:
+        return
+    config, features, preference = run.config, run.features, run.preference
+    ref_model = reference_model if reference_model is not None else run.model  # the weights before any update
+    if reference_logps is not None:
+        loaded = load_reference_logps(reference_logps, ref_model, features, run.val_batch if preference else None,
                                       config.max_length, config.micro_batch_size, preference)
-        ref_losses, ref_val = loaded.train, loaded.val
-    elif uses_reference_losses:
-        ref_model = reference_model if reference_model is not None else model
+        run.ref_losses, run.ref_val = loaded.train, loaded.val
+        return
 
-        def load_losses(path):
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if len(saved["train"]) != len(features):
-                raise ValueError(f"cached for {len(saved['train'])} examples, the data has {len(features)}")
-            return saved
+    def load_losses(path):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if len(saved["train"]) != len(features):
+            raise ValueError(f"cached for {len(saved['train'])} examples, the data has {len(features)}")
+        return saved
 
-        def compute_losses():
-            train = reference_token_losses(ref_model, features, pad_id, device, config.micro_batch_size, preference, "reference losses")
-            val = reference_sequence_logps(ref_model, val_batch, device) if preference and val_batch is not None else None  # (2Bv,)
-            return {"train": train, "val": val}
+    def compute_losses():
+        train = reference_token_losses(ref_model, features, run.pad_id, run.device, config.micro_batch_size, preference,
+                                       "reference losses")
+        val = None
+        if preference and run.val_batch is not None:
+            val = reference_sequence_logps(ref_model, run.val_batch, run.device)  # (2Bv,)
+        return {"train": train, "val": val}
 
-        saved = run.step0_value(REFERENCE_LOSSES, load_losses, compute_losses, lambda path, value: atomic_torch_save(value, path))
-        ref_losses, ref_val = saved["train"], saved.get("val")
+    saved = run.directory.step0_value(REFERENCE_LOSSES, load_losses, compute_losses,
+                                      lambda path, value: atomic_torch_save(value, path))
+    run.ref_losses, run.ref_val = saved["train"], saved.get("val")
 
-    # ---- TI-DPO: the frozen reference model in memory (full next-token distributions for the KL term)
-    ref_net, stop_ids = None, []
-    if policy.dpo_form == "tdpo":
-        from alphatoken.fisher import stop_token_ids
 
-        ref_net = reference_model if reference_model is not None else copy.deepcopy(model)  # step-0 weights
-        ref_net.eval().requires_grad_(False)
-        stop_ids = stop_token_ids(model, tokenizer)
+def _setup_tidpo_reference(run: _Run, reference_model) -> None:
+    """TI-DPO: the frozen reference model in memory (full next-token distributions for the KL term)."""
+    if run.policy.dpo_form != "tdpo":
+        return
+    from alphatoken.fisher import stop_token_ids
 
-    # ---- the policy's own step-0 values (FLOW's weights, XTF's masks): once, from the reference model;
-    # SePO's token rewards: from the given file, checked against the data
-    policy_values = None
+    run.ref_net = reference_model if reference_model is not None else copy.deepcopy(run.model)  # step-0 weights
+    run.ref_net.eval().requires_grad_(False)
+    run.stop_ids = stop_token_ids(run.model, run.tokenizer)
+
+
+def _setup_policy_values(run: _Run, reference_model, token_rewards) -> None:
+    """The policy's own step-0 values (FLOW's weights, XTF's masks): once, from the reference model,
+    cached in the run directory; SePO's token rewards: from the given file, checked against the data."""
+    policy, features = run.policy, run.features
     if policy.needs_token_rewards:
-        policy_values = load_token_rewards(token_rewards, features)
-    if policy.precompute is not None:
-        inputs = StepZeroInputs(reference_model if reference_model is not None else model, tokenizer, features, ref_losses,
-                                pad_id, device, config.micro_batch_size)
+        run.policy_values = load_token_rewards(token_rewards, features)
+    if policy.precompute is None:
+        return
+    inputs = StepZeroInputs(reference_model if reference_model is not None else run.model, run.tokenizer, features,
+                            run.ref_losses, run.pad_id, run.device, run.config.micro_batch_size)
 
-        def load_values(path):
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if len(saved) != len(features):
-                raise ValueError(f"cached for {len(saved)} examples, the data has {len(features)}")
-            return saved
+    def load_values(path):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if len(saved) != len(features):
+            raise ValueError(f"cached for {len(saved)} examples, the data has {len(features)}")
+        return saved
 
-        policy_values = run.step0_value(POLICY_VALUES, load_values,
-                                        lambda: [v.detach().cpu() for v in policy.precompute(inputs, pcfg)],
-                                        lambda path, value: atomic_torch_save(value, path))
+    run.policy_values = run.directory.step0_value(POLICY_VALUES, load_values,
+                                                  lambda: [v.detach().cpu() for v in policy.precompute(inputs, run.config.policy)],
+                                                  lambda path, value: atomic_torch_save(value, path))
 
-    # ---- LoRA adapters, before the valuer: a LoRA scoring policy scores the factors
-    if policy.adapter == "lora":
-        model = _wrap_lora(model, pcfg)
 
-    # ---- valuer (policies that need token values)
-    valuer = None
-    if fisher_prompts is not None and not needs_scores:
-        raise ValueError(f"fisher_prompts: policy {policy.name!r} does not score tokens, so it uses no Fisher")
-    if needs_scores:
-        from alphatoken.valuation import TokenValuer
+def _setup_valuer(run: _Run, fisher, reference, fisher_prompts) -> None:
+    """The valuer of the policies that score tokens, with the Fisher (given, or computed at step 0 from
+    `fisher_prompts`) and the reference weights of the retention proxy (given, or the step-0 weights)."""
+    if fisher_prompts is not None and not run.policy.needs_scores:
+        raise ValueError(f"fisher_prompts: policy {run.policy.name!r} does not score tokens, so it uses no Fisher")
+    if not run.policy.needs_scores:
+        return
+    from alphatoken.valuation import TokenValuer
 
-        if fisher_prompts is not None:
-            if fisher is not None:
-                raise ValueError("pass either `fisher` or `fisher_prompts` (to compute it at step 0), not both")
-            fisher = _step0_fisher(model, tokenizer, fisher_prompts, vcfg.last_k, run, device, config.progress)
-        if fisher is not None and reference is None:
-            params = dict(model.named_parameters())
-            reference = run.step0_value(
-                REFERENCE_WEIGHTS,
-                load=lambda path: torch.load(path, map_location=device, weights_only=True),
-                compute=lambda: {name: params[name].detach().clone() for name in scored_linears(model, vcfg.last_k)},
-                save=lambda path, value: atomic_torch_save({k: v.cpu() for k, v in value.items()}, path),
-            )
-        valuer = TokenValuer(model, vcfg, fisher=fisher, reference=reference)
-        val_batch = _to(val_batch, device)
-        val_objective = _dpo_objective(config.dpo_beta, ref_val) if preference else None
+    model, vcfg, device = run.model, run.vcfg, run.device
+    if fisher_prompts is not None:
+        if fisher is not None:
+            raise ValueError("pass either `fisher` or `fisher_prompts` (to compute it at step 0), not both")
+        fisher = _step0_fisher(model, run.tokenizer, fisher_prompts, vcfg.last_k, run.directory, device, run.config.progress)
+    if fisher is not None and reference is None:
+        params = dict(model.named_parameters())
+        reference = run.directory.step0_value(
+            REFERENCE_WEIGHTS,
+            load=lambda path: torch.load(path, map_location=device, weights_only=True),
+            compute=lambda: {name: params[name].detach().clone() for name in scored_linears(model, vcfg.last_k)},
+            save=lambda path, value: atomic_torch_save({k: v.cpu() for k, v in value.items()}, path),
+        )
+    run.valuer = TokenValuer(model, vcfg, fisher=fisher, reference=reference)
+    run.val_batch = _to(run.val_batch, device)
+    run.val_objective = _dpo_objective(run.config.dpo_beta, run.ref_val) if run.preference else None
 
-    # ---- optimiser, schedule
+
+def _setup_optimizer(run: _Run) -> None:
+    """Gradient checkpointing, the weights of rank 0 on every rank, the trainable parameters, the
+    optimizer and the learning-rate schedule."""
+    model, config = run.model, run.config
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.train()
-    if world > 1:
+    if run.world > 1:
         with torch.no_grad():
             for p in model.parameters():
                 dist.broadcast(p.data, src=0)
-    _freeze_unscored(model, config, policy)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(model, config)
-    warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total_steps, config.lr_schedule))
+    _freeze_unscored(model, config, run.policy)
+    run.trainable = [p for p in model.parameters() if p.requires_grad]
+    run.optimizer = _optimizer(model, config)
+    warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * run.total_steps)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer,
+                                                      lambda s: _lr_factor(s, warmup, run.total_steps, config.lr_schedule))
 
-    # ---- resume: the checkpoint's state, including G and P when its step falls inside a refresh period
-    refresh = config.val_refresh_every
-    start_step, counters, history = 0, {"nonfinite_steps": 0, "all_masked_steps": 0, "consecutive_nonfinite": 0}, []
-    restored_valuation = False
-    state = run.read_state((lambda step: step % refresh != 0) if valuer is not None else None)
+
+def _resume(run: _Run) -> None:
+    """The checkpoint's state when resuming, including G and P when its step falls inside a refresh
+    period."""
+    refresh = run.config.val_refresh_every
+    state = run.directory.read_state((lambda step: step % refresh != 0) if run.valuer is not None else None)
     if state is not None:
-        start_step, extra = apply_checkpoint(state, model, optimizer, scheduler)
-        counters, history = extra["counters"], extra["history"]
-        if valuer is not None and extra.get("valuation"):
-            _restore_valuer_state(valuer, extra["valuation"], device)
-            restored_valuation = True
-        del state
-        log.info("%s: resuming from the checkpoint of step %d", out, start_step)
-    if world > 1:
+        run.start_step, extra = apply_checkpoint(state, run.model, run.optimizer, run.scheduler)
+        run.counters, run.history = extra["counters"], extra["history"]
+        if run.valuer is not None and extra.get("valuation"):
+            _restore_valuer_state(run.valuer, extra["valuation"], run.device)
+            run.restored_valuation = True
+        log.info("%s: resuming from the checkpoint of step %d", run.out, run.start_step)
+    if run.world > 1:
         dist.barrier()
 
-    live = None
-    if rank == 0:
-        from dvclive import Live
 
-        live_dir = out / LIVE_DIR
-        # a fresh dvclive directory with the checkpoint's rows replayed: equal, row for row, to the
-        # rows of an uninterrupted run (no duplicates of steps logged after the checkpoint)
-        live = Live(str(live_dir), save_dvc_exp=False, resume=False, dvcyaml=str(live_dir / "dvc.yaml"))
-        live.log_params({"objective": objective, "policy": policy.name, "rho": pcfg.rho, "seed": config.seed, "world_size": world})
-        logged = [row for row in history if row["step"] % config.log_every == 0]
-        for row in logged:
-            _log_live_row(live, row)
-        if logged:
-            live.next_step()
+def _open_live(run: _Run) -> None:
+    """dvclive on rank 0: a fresh directory with the checkpoint's rows replayed, equal, row for row, to
+    the rows of an uninterrupted run (no duplicates of steps logged after the checkpoint)."""
+    if run.rank != 0:
+        return
+    from dvclive import Live
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (config.bf16 and device.type == "cuda") else contextlib.nullcontext()
-    realisation = None
-    if config.realisation_every and rank == 0:  # replicated weights: rank 0 records for all
-        from alphatoken.train.realisation import ValueRealisation
-        from alphatoken.valuation import ValuationConfig
+    live_dir = run.out / LIVE_DIR
+    run.live = Live(str(live_dir), save_dvc_exp=False, resume=False, dvcyaml=str(live_dir / "dvc.yaml"))
+    run.live.log_params({"objective": run.objective, "policy": run.policy.name, "rho": run.config.policy.rho,
+                         "seed": run.config.seed, "world_size": run.world})
+    logged = [row for row in run.history if row["step"] % run.config.log_every == 0]
+    for row in logged:
+        _log_live_row(run.live, row)
+    if logged:
+        run.live.next_step()
 
-        scored_names = set(scored_linears(model, (vcfg or config.valuation or ValuationConfig()).last_k))
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # the order of `trainable`
-        probes = {"val": _probe_features(tokenizer, val_data, config.max_length, "validation"),
-                  "heldout": _probe_features(tokenizer, realisation_data, config.max_length, "held-out")}
-        realisation = ValueRealisation(probes, [p for _, p in named], [name in scored_names for name, _ in named],
-                                       pad_id, device, chunk=config.micro_batch_size, autocast=autocast)
-    step_seconds = []  # per optimizer step of this process, without the realisation probes
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"{objective}:{policy.name}", disable=not (config.progress and rank == 0))
-    orders: dict[int, list[int]] = {}
-    preempted = False
 
-    def checkpoint(step_done: int):
-        if rank == 0:
-            extra = {"counters": counters, "history": history}
-            if valuer is not None and step_done % refresh != 0:  # the resumed step reuses this G and P
-                extra["valuation"] = _valuer_state(valuer)
-            save_checkpoint(ckpt_dir, model, optimizer, scheduler, step_done, extra)
-        if world > 1:
-            dist.barrier()
+def _setup_realisation(run: _Run, val_data, realisation_data) -> None:
+    """The value-realisation probes of every `realisation_every`-th step, on rank 0 (the weights are
+    replicated: rank 0 records for all)."""
+    config = run.config
+    if not (config.realisation_every and run.rank == 0):
+        return
+    from alphatoken.train.realisation import ValueRealisation
+    from alphatoken.valuation import ValuationConfig
 
+    scored_names = set(scored_linears(run.model, (run.vcfg or config.valuation or ValuationConfig()).last_k))
+    named = [(name, p) for name, p in run.model.named_parameters() if p.requires_grad]  # the order of `trainable`
+    probes = {"val": _probe_features(run.tokenizer, val_data, config.max_length, "validation"),
+              "heldout": _probe_features(run.tokenizer, realisation_data, config.max_length, "held-out")}
+    run.realisation = ValueRealisation(probes, [p for _, p in named], [name in scored_names for name, _ in named],
+                                       run.pad_id, run.device, chunk=config.micro_batch_size, autocast=run.autocast)
+
+
+def _setup(objective, model, tokenizer, examples, val_data, config: TrainConfig, fisher, reference, reference_model, out_dir,
+           reference_logps, fisher_prompts, realisation_data, token_rewards) -> _Run:
+    """Every piece of the run before its first step, in the order that fixes the RNG draws."""
+    run = _start(objective, model, tokenizer, examples, val_data, config, out_dir, realisation_data, token_rewards)
+    _open_directory(run, fisher, reference, reference_model, reference_logps, fisher_prompts, token_rewards)
+    _setup_reference_losses(run, reference_model, reference_logps)
+    _setup_tidpo_reference(run, reference_model)
+    _setup_policy_values(run, reference_model, token_rewards)
+    if run.policy.adapter == "lora":  # before the valuer: a LoRA scoring policy scores the factors
+        run.model = _wrap_lora(run.model, config.policy)
+    _setup_valuer(run, fisher, reference, fisher_prompts)
+    _setup_optimizer(run)
+    _resume(run)
+    _open_live(run)
+    _setup_realisation(run, val_data, realisation_data)
+    return run
+
+
+def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig, fisher, reference, reference_model, out_dir,
+           reference_logps=None, fisher_prompts=None, realisation_data=None, token_rewards=None) -> TrainResult:
+    """Setup, then one `_train_step` per optimizer step until the end or a preemption, then `_finish`."""
+    run = _setup(objective, model, tokenizer, examples, val_data, config, fisher, reference, reference_model, out_dir,
+                 reference_logps, fisher_prompts, realisation_data, token_rewards)
+    run.bar = tqdm(total=run.total_steps, initial=run.start_step, desc=f"{objective}:{run.policy.name}",
+                   disable=not (config.progress and run.rank == 0))
     # ssToken: the last block's attention of every training forward (open across the backward, so that
     # gradient checkpointing recomputes that block with the same kernel)
-    attention_capture = AttentionCapture(model, last_k=1) if policy.needs_attention else None
-    with PreemptionFlag() as flag, (attention_capture or contextlib.nullcontext()):
-        for step in range(start_step, total_steps):
-            t0 = time.perf_counter()
-            epoch, position = divmod(step, steps_per_epoch)
-            if epoch not in orders:
-                orders = {epoch: _epoch_order(len(features), config.seed, epoch)}
-            step_indices = orders[epoch][position * global_batch : (position + 1) * global_batch]
-            mb = config.micro_batch_size
-            chunks = [step_indices[j * mb : (j + 1) * mb] for j in range(config.grad_accum_steps * world)]
-            rho = pcfg.rho_at(step / max(1, total_steps - 1))
-            if valuer is not None and (step % refresh == 0 or (step == start_step and not restored_valuation)):
-                valuer.set_validation(val_batch, objective=val_objective)
-            probe_state, probe_seconds = None, 0.0
-            if realisation is not None and (step + 1) % config.realisation_every == 0:  # every n-th step
-                t_probe = time.perf_counter()
-                probe_state = realisation.before(model)
-                probe_seconds += time.perf_counter() - t_probe
-
-            optimizer.zero_grad(set_to_none=True)
-            # (sum w*l, K, n valid, sum l, n tokens, non-finite, dpo loss sum, correct pairs, pairs)
-            acc = torch.zeros(10, dtype=torch.float64)  # ..., [9] the SFT normaliser K (Policy.normalizer_share)
-            for micro_index in range(rank, len(chunks), world):
-                chunk = chunks[micro_index]
-                if preference:
-                    batch = _to(collate_pairs([features[i] for i in chunk], pad_id), device)
-                else:
-                    batch = _to(collate([features[i] for i in chunk], pad_id), device)
-                importance = None
-                if policy.needs_importance:  # TI-DPO: on this step's weights, before the training forward
-                    with autocast:
-                        importance = embedding_importance(model, batch["input_ids"], batch["attention_mask"])  # (2b, T)
-                capture = valuer.capture(share_head=True) if valuer is not None else contextlib.nullcontext()
-                if attention_capture is not None:
-                    attention_capture.reset()
-                with autocast, capture:
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-                token_loss = token_nll(logits, batch["labels"])  # (B, T-1), graph
-                valid = loss_positions(batch["labels"])  # (B, T-1)
-                width = token_loss.shape[1]
-                if not torch.isfinite(token_loss).all():
-                    acc[5] += 1
-                    break
-                if preference:
-                    b = len(chunk)
-                    ref = _pad_rows([ref_losses[i]["chosen"] for i in chunk] + [ref_losses[i]["rejected"] for i in chunk], width, token_loss)  # (2b, T-1)
-                    logps, ref_logps = -token_loss.sum(dim=1), -ref.sum(dim=1)  # (2b,)
-                    logit = dpo_logit(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], config.dpo_beta)  # (b,)
-                    omega = dpo_weight(logit, config.dpo_beta)  # (b,)
-                    scores = None
-                    if valuer is not None:
-                        scale = torch.cat([omega, -omega]).to(token_loss.dtype)  # (2b,) +omega chosen, -omega rejected
-                        scores = valuer.score_captured(batch, token_loss, example_scale=scale, components=False)  # label-aligned (2b, T)
-                    values = None
-                    if policy_values is not None:  # SePO's token rewards, per branch
-                        values = _pad_rows([policy_values[i]["chosen"] for i in chunk] + [policy_values[i]["rejected"] for i in chunk], width, token_loss)  # (2b, T-1)
-                    weights = []
-                    for branch, rows in enumerate((slice(0, b), slice(b, 2 * b))):  # separate top-rho per branch
-                        branch_scores = scores_to_loss_positions(scores, rows) if scores is not None else None
-                        ctx = TokenContext(valid[rows], token_loss[rows].detach(), rho, branch_scores, ref[rows], _policy_generator(config.seed, step, micro_index, branch),
-                                           precomputed=values[rows] if values is not None else None,
-                                           importance=importance[rows, 1:] if importance is not None else None, branch=branch)
-                        weights.append(policy.weights(ctx, pcfg))
-                    if policy.dpo_form == "masked_logit":
-                        loss_sum = masked_dpo_loss(token_loss[:b], token_loss[b:], ref[:b], ref[b:], weights[0], weights[1], config.dpo_beta, normalizer=1.0)
-                    elif policy.dpo_form == "tdpo":
-                        loss_sum = _tidpo_loss_sum(model, ref_net, batch, logits, token_loss, weights, pcfg, config, pad_id,
-                                                   _policy_generator(config.seed, step, micro_index, 2), stop_ids, autocast)
-                    elif policy.dpo_form == "selective_mean":
-                        loss_sum = selective_mean_losses(token_loss[:b], token_loss[b:], weights[0], weights[1]).sum()
-                    else:
-                        loss_sum = alpha_dpo_loss(token_loss[:b], token_loss[b:], weights[0], weights[1], omega, normalizer=1.0)
-                    kept = weights[0].sum() + weights[1].sum()
-                    with torch.no_grad():
-                        acc[6] += float(dpo_loss(logit.detach(), normalizer=1.0))
-                        acc[7] += float((logit > 0).sum())
-                        acc[8] += b
-                else:
-                    scores = None
-                    if valuer is not None:
-                        scores = scores_to_loss_positions(valuer.score_captured(batch, token_loss, components=False))
-                    ref = _pad_rows([ref_losses[i] for i in chunk], width, token_loss) if ref_losses is not None else None
-                    values = _pad_rows([policy_values[i] for i in chunk], width, token_loss) if policy_values is not None else None
-                    attention = attention_capture.values[0] if attention_capture is not None else None  # (B, T, T)
-                    first = position * global_batch + micro_index * mb  # epoch position of the chunk's first example
-                    ctx = TokenContext(valid, token_loss.detach(), rho, scores, ref, _policy_generator(config.seed, step, micro_index, 0),
-                                       precomputed=values, attention=attention,
-                                       epoch_position=torch.arange(first, first + len(chunk), device=valid.device))
-                    w = policy.weights(ctx, pcfg)  # (B, T-1) detached
-                    loss_sum = (w * token_loss).sum()  # unnormalised; divided by the step's K below
-                    kept = w.sum()
-                    acc[9] += float(policy.normalizer_share(w, valid, pcfg))
-                if not torch.isfinite(loss_sum):
-                    acc[5] += 1
-                    break
-                if valuer is not None:  # the same gradients, without the head's input gradient a second time
-                    valuer.backward(loss_sum, token_loss)
-                else:
-                    loss_sum.backward()
-                acc[0] += float(loss_sum.detach())
-                acc[1] += float(kept)
-                acc[2] += float(valid.sum())
-                acc[3] += float((token_loss.detach() * valid).sum())
-                acc[4] += float(batch["attention_mask"].sum())
-            _all_reduce(acc, world)
-            normaliser = acc[8].item() if preference else acc[9].item()
-            skipped = None
-            if acc[5] > 0:
-                skipped = "nonfinite"
-            elif normaliser == 0:
-                skipped = "all_masked"
-            grad_norm = float("nan")
-            if skipped is None:
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                _all_reduce(flat, world)
-                flat /= normaliser
-                offset = 0
-                for p in trainable:
-                    n = p.numel()
-                    p.grad = flat[offset : offset + n].view_as(p).clone()
-                    offset += n
-                if not torch.isfinite(flat).all():
-                    skipped = "nonfinite"
-                else:
-                    if config.max_grad_norm is not None:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
-                    step_lr = optimizer.param_groups[0]["lr"]
-                    step_grads = [p.grad.detach().clone() for p in trainable] if probe_state is not None else None
-                    optimizer.step()
-                    if probe_state is not None:
-                        t_probe = time.perf_counter()
-                        realised = realisation.after(model, probe_state, step_grads, step_lr)
-                        probe_seconds += time.perf_counter() - t_probe
-                        del step_grads
-            optimizer.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # a skipped step advances the schedule without optimizer.step()
-                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
-                scheduler.step()
-
-            if skipped == "nonfinite":
-                counters["nonfinite_steps"] += 1
-                counters["consecutive_nonfinite"] += 1
-            else:
-                counters["consecutive_nonfinite"] = 0
-                if skipped == "all_masked":
-                    counters["all_masked_steps"] += 1
-
-            elapsed = time.perf_counter() - t0 - probe_seconds
-            step_seconds.append(elapsed)
-            row = {
-                "step": step + 1,
-                "loss": acc[0].item() / normaliser if skipped is None else float("nan"),
-                "token_loss": acc[3].item() / max(1.0, acc[2].item()),
-                "kept_fraction": acc[1].item() / max(1.0, acc[2].item()),
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": acc[4].item() / max(elapsed, 1e-9),
-                "grad_norm": grad_norm,
-                "rho": rho,
-                "skipped": skipped or "",
-            }
-            if preference:
-                row["dpo_loss"] = acc[6].item() / max(1.0, acc[8].item())
-                row["reward_accuracy"] = acc[7].item() / max(1.0, acc[8].item())
-            if probe_state is not None and skipped is None:
-                row.update(realised)
-            history.append(row)
-            if live is not None and (step + 1) % config.log_every == 0:
-                _log_live_row(live, row)
-                live.next_step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{row['kept_fraction']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
-
-            if counters["consecutive_nonfinite"] >= config.max_nonfinite_steps:
-                checkpoint(step + 1)
-                bar.close()
-                raise RuntimeError(
-                    f"non-finite loss or gradient in {counters['consecutive_nonfinite']} consecutive optimizer steps "
-                    f"(last: step {step + 1}); checkpoint saved to {ckpt_dir}"
-                )
-            stop = torch.tensor([1.0 if flag.raised else 0.0])
-            _all_reduce(stop, world)
-            if stop.item() > 0:
-                checkpoint(step + 1)
+    run.attention_capture = AttentionCapture(run.model, last_k=1) if run.policy.needs_attention else None
+    preempted = False
+    with PreemptionFlag() as flag, (run.attention_capture or contextlib.nullcontext()):
+        for step in range(run.start_step, run.total_steps):
+            if _train_step(run, step, flag):
                 preempted = True
                 break
-            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < total_steps:
-                checkpoint(step + 1)
-    bar.close()
+    run.bar.close()
+    return _finish(run, preempted)
 
+
+def _train_step(run: _Run, step: int, flag: PreemptionFlag) -> bool:
+    """One optimizer step (the module docstring's steps 1-4), its history row and its checkpoint; True
+    when the run is preempted (the checkpoint of this step is written)."""
+    config = run.config
+    t0 = time.perf_counter()
+    epoch, position = divmod(step, run.steps_per_epoch)
+    if epoch not in run.orders:
+        run.orders = {epoch: _epoch_order(len(run.features), config.seed, epoch)}
+    step_indices = run.orders[epoch][position * run.global_batch : (position + 1) * run.global_batch]
+    mb = config.micro_batch_size
+    chunks = [step_indices[j * mb : (j + 1) * mb] for j in range(config.grad_accum_steps * run.world)]
+    rho = config.policy.rho_at(step / max(1, run.total_steps - 1))
+    without_directions = step == run.start_step and not run.restored_valuation  # no G and P from a checkpoint
+    if run.valuer is not None and (step % config.val_refresh_every == 0 or without_directions):
+        run.valuer.set_validation(run.val_batch, objective=run.val_objective)
+    probe_state, probe_seconds = None, 0.0
+    if run.realisation is not None and (step + 1) % config.realisation_every == 0:  # every n-th step
+        t_probe = time.perf_counter()
+        probe_state = run.realisation.before(run.model)
+        probe_seconds += time.perf_counter() - t_probe
+
+    run.optimizer.zero_grad(set_to_none=True)
+    stats = StepStats()
+    micro_step = _dpo_micro_step if run.preference else _sft_micro_step
+    for micro_index in range(run.rank, len(chunks), run.world):  # this process's micro-batches
+        if not micro_step(run, stats, chunks[micro_index], micro_index, step, position, rho):
+            break  # a non-finite loss: the step is skipped
+    update = _reduce_and_update(run, stats, probe_state)
+    probe_seconds += update.probe_seconds
+    _count_skipped(run.counters, update.skipped)
+    elapsed = time.perf_counter() - t0 - probe_seconds
+    run.step_seconds.append(elapsed)
+    _log_step(run, step, stats, update, rho, elapsed)
+    return _end_step(run, step, flag)
+
+
+def _sft_micro_step(run: _Run, stats: StepStats, chunk: list[int], micro_index: int, step: int, position: int,
+                    rho: float) -> bool:
+    """One SFT micro-batch: forward (inside the valuer's capture when scoring), per-position NLL, token
+    values, the policy's detached weights w, then backward of the unnormalised sum_p w_p l_p (Eq. 13;
+    divided by the step's K after the reduce). False when the loss is not finite."""
+    config, policy, valuer = run.config, run.policy, run.valuer
+    batch = _to(collate([run.features[i] for i in chunk], run.pad_id), run.device)
+    capture = valuer.capture(share_head=True) if valuer is not None else contextlib.nullcontext()
+    if run.attention_capture is not None:
+        run.attention_capture.reset()
+    with run.autocast, capture:
+        logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    token_loss = token_nll(logits, batch["labels"])  # (B, T-1), graph
+    valid = loss_positions(batch["labels"])  # (B, T-1)
+    width = token_loss.shape[1]
+    if not torch.isfinite(token_loss).all():
+        stats.nonfinite += 1
+        return False
+    scores = None
+    if valuer is not None:
+        scores = scores_to_loss_positions(valuer.score_captured(batch, token_loss, components=False))
+    ref = values = None
+    if run.ref_losses is not None:
+        ref = _pad_rows([run.ref_losses[i] for i in chunk], width, token_loss)  # (B, T-1)
+    if run.policy_values is not None:
+        values = _pad_rows([run.policy_values[i] for i in chunk], width, token_loss)  # (B, T-1)
+    attention = run.attention_capture.values[0] if run.attention_capture is not None else None  # (B, T, T)
+    first = position * run.global_batch + micro_index * config.micro_batch_size  # epoch position of the first example
+    ctx = TokenContext(valid, token_loss.detach(), rho, scores, ref, _policy_generator(config.seed, step, micro_index, 0),
+                       precomputed=values, attention=attention,
+                       epoch_position=torch.arange(first, first + len(chunk), device=valid.device))
+    w = policy.weights(ctx, config.policy)  # (B, T-1) detached
+    loss_sum = (w * token_loss).sum()  # unnormalised; divided by the step's K after the reduce
+    kept = w.sum()
+    stats.sft_normaliser += float(policy.normalizer_share(w, valid, config.policy))
+    if not torch.isfinite(loss_sum):
+        stats.nonfinite += 1
+        return False
+    if valuer is not None:  # the same gradients, without the head's input gradient a second time
+        valuer.backward(loss_sum, token_loss)
+    else:
+        loss_sum.backward()
+    stats.add_micro_batch(loss_sum, kept, valid, token_loss, batch["attention_mask"])
+    return True
+
+
+def _dpo_micro_step(run: _Run, stats: StepStats, chunk: list[int], micro_index: int, step: int, position: int,
+                    rho: float) -> bool:
+    """One DPO micro-batch of b pairs (rows: b chosen, then b rejected): forward, per-position NLL, the
+    DPO logit against the reference losses and its weight omega_sg, token values scaled by +-omega, the
+    policy's weights per branch, then backward of the policy's loss summed over the pairs (Alpha-DPO,
+    Eq. 14, by default; divided by the step's pairs after the reduce). False when the loss is not finite."""
+    config, valuer = run.config, run.valuer
+    batch = _to(collate_pairs([run.features[i] for i in chunk], run.pad_id), run.device)
+    importance = None
+    if run.policy.needs_importance:  # TI-DPO: on this step's weights, before the training forward
+        with run.autocast:
+            importance = embedding_importance(run.model, batch["input_ids"], batch["attention_mask"])  # (2b, T)
+    capture = valuer.capture(share_head=True) if valuer is not None else contextlib.nullcontext()
+    with run.autocast, capture:
+        logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2b, T, V)
+    token_loss = token_nll(logits, batch["labels"])  # (2b, T-1), graph
+    valid = loss_positions(batch["labels"])  # (2b, T-1)
+    width = token_loss.shape[1]
+    if not torch.isfinite(token_loss).all():
+        stats.nonfinite += 1
+        return False
+    b = len(chunk)
+    rows = [run.ref_losses[i]["chosen"] for i in chunk] + [run.ref_losses[i]["rejected"] for i in chunk]
+    ref = _pad_rows(rows, width, token_loss)  # (2b, T-1)
+    logps, ref_logps = -token_loss.sum(dim=1), -ref.sum(dim=1)  # (2b,)
+    logit = dpo_logit(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], config.dpo_beta)  # (b,)
+    omega = dpo_weight(logit, config.dpo_beta)  # (b,)
+    scores = None
+    if valuer is not None:
+        scale = torch.cat([omega, -omega]).to(token_loss.dtype)  # (2b,) +omega chosen, -omega rejected
+        scores = valuer.score_captured(batch, token_loss, example_scale=scale, components=False)  # label-aligned (2b, T)
+    values = None
+    if run.policy_values is not None:  # SePO's token rewards, per branch
+        rows = [run.policy_values[i]["chosen"] for i in chunk] + [run.policy_values[i]["rejected"] for i in chunk]
+        values = _pad_rows(rows, width, token_loss)  # (2b, T-1)
+    weights = _dpo_branch_weights(run, token_loss, valid, ref, scores, values, importance, rho, step, micro_index, b)
+    loss_sum = _dpo_loss_sum(run, batch, logits, token_loss, ref, weights, omega, step, micro_index, b)
+    kept = weights[0].sum() + weights[1].sum()
+    with torch.no_grad():
+        stats.dpo_loss_sum += float(dpo_loss(logit.detach(), normalizer=1.0))
+        stats.correct_pairs += float((logit > 0).sum())
+        stats.pairs += b
+    if not torch.isfinite(loss_sum):
+        stats.nonfinite += 1
+        return False
+    if valuer is not None:  # the same gradients, without the head's input gradient a second time
+        valuer.backward(loss_sum, token_loss)
+    else:
+        loss_sum.backward()
+    stats.add_micro_batch(loss_sum, kept, valid, token_loss, batch["attention_mask"])
+    return True
+
+
+def _dpo_branch_weights(run: _Run, token_loss, valid, ref, scores, values, importance, rho: float, step: int,
+                        micro_index: int, b: int) -> list[torch.Tensor]:
+    """The policy's detached weights of the chosen rows, then of the rejected rows: a separate top-rho
+    per branch, each with its own seeded generator. Returns two `(b, T-1)` tensors."""
+    weights = []
+    for branch, rows in enumerate((slice(0, b), slice(b, 2 * b))):
+        branch_scores = scores_to_loss_positions(scores, rows) if scores is not None else None
+        ctx = TokenContext(valid[rows], token_loss[rows].detach(), rho, branch_scores, ref[rows],
+                           _policy_generator(run.config.seed, step, micro_index, branch),
+                           precomputed=values[rows] if values is not None else None,
+                           importance=importance[rows, 1:] if importance is not None else None, branch=branch)
+        weights.append(run.policy.weights(ctx, run.config.policy))
+    return weights
+
+
+def _dpo_loss_sum(run: _Run, batch: dict, logits, token_loss, ref, weights: list, omega, step: int, micro_index: int,
+                  b: int) -> torch.Tensor:
+    """The policy's DPO loss of the micro-batch, summed over its pairs (`Policy.dpo_form`)."""
+    config, form = run.config, run.policy.dpo_form
+    if form == "masked_logit":  # ConfPO: the masks inside the DPO logit
+        return masked_dpo_loss(token_loss[:b], token_loss[b:], ref[:b], ref[b:], weights[0], weights[1], config.dpo_beta,
+                               normalizer=1.0)
+    if form == "tdpo":
+        return _tidpo_loss_sum(run.model, run.ref_net, batch, logits, token_loss, weights, config.policy, config, run.pad_id,
+                               _policy_generator(config.seed, step, micro_index, 2), run.stop_ids, run.autocast)
+    if form == "selective_mean":  # SePO
+        return selective_mean_losses(token_loss[:b], token_loss[b:], weights[0], weights[1]).sum()
+    return alpha_dpo_loss(token_loss[:b], token_loss[b:], weights[0], weights[1], omega, normalizer=1.0)
+
+
+@dataclass
+class _Update:
+    """What the reduce-and-update of one optimizer step did."""
+
+    skipped: str | None = None  # "nonfinite" or "all_masked": no optimizer step
+    grad_norm: float = float("nan")  # before clipping (when max_grad_norm is set)
+    realised: dict | None = None  # the value-realisation record of the step
+    probe_seconds: float = 0.0  # spent in the realisation probe after the update
+
+
+def _reduce_and_update(run: _Run, stats: StepStats, probe_state) -> _Update:
+    """The step's statistics and gradients summed over the processes, the gradient divided by the step's
+    K, clipped, and the optimizer step (followed by the realisation probe when `probe_state` is set);
+    skipped for a non-finite loss or gradient, or K = 0 (every token masked). The schedule advances
+    in every case."""
+    config, update = run.config, _Update()
+    stats.all_reduce(run.world)
+    normaliser = stats.normaliser(run.preference)
+    if stats.nonfinite > 0:
+        update.skipped = "nonfinite"
+    elif normaliser == 0:
+        update.skipped = "all_masked"
+    if update.skipped is None:
+        if not _reduce_gradients(run, normaliser):
+            update.skipped = "nonfinite"
+        else:
+            if config.max_grad_norm is not None:
+                update.grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, config.max_grad_norm))
+            step_lr = run.optimizer.param_groups[0]["lr"]
+            step_grads = [p.grad.detach().clone() for p in run.trainable] if probe_state is not None else None
+            run.optimizer.step()
+            if probe_state is not None:
+                t_probe = time.perf_counter()
+                update.realised = run.realisation.after(run.model, probe_state, step_grads, step_lr)
+                update.probe_seconds = time.perf_counter() - t_probe
+                del step_grads
+    run.optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # a skipped step advances the schedule without optimizer.step()
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+        run.scheduler.step()
+    return update
+
+
+def _reduce_gradients(run: _Run, normaliser: float) -> bool:
+    """Each trainable parameter's gradient summed over the processes (one all-reduce of the flat
+    gradient) and divided by the step's K; True when it is finite."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in run.trainable]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    _all_reduce(flat, run.world)
+    flat /= normaliser
+    offset = 0
+    for p in run.trainable:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+    return bool(torch.isfinite(flat).all())
+
+
+def _count_skipped(counters: dict, skipped: str | None) -> None:
+    """The run's counters of skipped steps (`consecutive_nonfinite` stops the run)."""
+    if skipped == "nonfinite":
+        counters["nonfinite_steps"] += 1
+        counters["consecutive_nonfinite"] += 1
+    else:
+        counters["consecutive_nonfinite"] = 0
+        if skipped == "all_masked":
+            counters["all_masked_steps"] += 1
+
+
+def _log_step(run: _Run, step: int, stats: StepStats, update: _Update, rho: float, elapsed: float) -> None:
+    """The step's history row (the checkpoint keeps them), its dvclive row every `log_every` steps, and
+    the progress bar."""
+    row = {
+        "step": step + 1,
+        "loss": stats.loss_sum / stats.normaliser(run.preference) if update.skipped is None else float("nan"),
+        "token_loss": stats.token_loss_sum / max(1.0, stats.valid_tokens),
+        "kept_fraction": stats.kept / max(1.0, stats.valid_tokens),
+        "lr": run.scheduler.get_last_lr()[0],
+        "tokens_per_s": stats.tokens / max(elapsed, 1e-9),
+        "grad_norm": update.grad_norm,
+        "rho": rho,
+        "skipped": update.skipped or "",
+    }
+    if run.preference:
+        row["dpo_loss"] = stats.dpo_loss_sum / max(1.0, stats.pairs)
+        row["reward_accuracy"] = stats.correct_pairs / max(1.0, stats.pairs)
+    if update.realised is not None:
+        row.update(update.realised)
+    run.history.append(row)
+    if run.live is not None and (step + 1) % run.config.log_every == 0:
+        _log_live_row(run.live, row)
+        run.live.next_step()
+    run.bar.update(1)
+    run.bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{row['kept_fraction']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
+
+
+def _end_step(run: _Run, step: int, flag: PreemptionFlag) -> bool:
+    """After step `step`: stop on too many non-finite steps in a row (RuntimeError) or on preemption
+    (True), each after a checkpoint; otherwise the periodic checkpoint."""
+    counters, config = run.counters, run.config
+    if counters["consecutive_nonfinite"] >= config.max_nonfinite_steps:
+        _checkpoint(run, step + 1)
+        run.bar.close()
+        raise RuntimeError(
+            f"non-finite loss or gradient in {counters['consecutive_nonfinite']} consecutive optimizer steps "
+            f"(last: step {step + 1}); checkpoint saved to {run.directory.checkpoint_dir}"
+        )
+    stop = torch.tensor([1.0 if flag.raised else 0.0])
+    _all_reduce(stop, run.world)
+    if stop.item() > 0:
+        _checkpoint(run, step + 1)
+        return True
+    if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < run.total_steps:
+        _checkpoint(run, step + 1)
+    return False
+
+
+def _checkpoint(run: _Run, step_done: int) -> None:
+    """The resumable checkpoint after `step_done` steps, written by rank 0 (with the valuer's G and P
+    when the resumed step falls inside a refresh period and reuses them)."""
+    if run.rank == 0:
+        extra = {"counters": run.counters, "history": run.history}
+        if run.valuer is not None and step_done % run.config.val_refresh_every != 0:
+            extra["valuation"] = _valuer_state(run.valuer)
+        save_checkpoint(run.directory.checkpoint_dir, run.model, run.optimizer, run.scheduler, step_done, extra)
+    if run.world > 1:
+        dist.barrier()
+
+
+def _summary(run: _Run, preempted: bool) -> dict:
+    """The run's summary (metrics.json) from its history."""
+    history = run.history
     summary = {
-        "objective": objective,
-        "policy": policy.name,
+        "objective": run.objective,
+        "policy": run.policy.name,
         "steps": len(history) and history[-1]["step"],
-        "total_steps": total_steps,
-        "world_size": world,
-        "data": stats.as_dict(),
-        "nonfinite_steps": counters["nonfinite_steps"],
-        "all_masked_steps": counters["all_masked_steps"],
+        "total_steps": run.total_steps,
+        "world_size": run.world,
+        "data": run.data_stats.as_dict(),
+        "nonfinite_steps": run.counters["nonfinite_steps"],
+        "all_masked_steps": run.counters["all_masked_steps"],
         "final_loss": next((r["loss"] for r in reversed(history) if not r["skipped"]), float("nan")),
         "mean_kept_fraction": sum(r["kept_fraction"] for r in history) / max(1, len(history)),
         "final_token_loss": history[-1]["token_loss"] if history else float("nan"),
         "preempted": preempted,
     }
-    if preference and history:
+    if run.preference and history:
         summary["final_dpo_loss"] = history[-1]["dpo_loss"]
         summary["final_reward_accuracy"] = history[-1]["reward_accuracy"]
-    if preempted:
-        if live is not None:
-            live.end()
-        return TrainResult(model, summary["steps"], True, None, summary, start_step)
+    return summary
 
-    if policy.adapter == "lora":
+
+def _finish(run: _Run, preempted: bool) -> TrainResult:
+    """A preempted run returns as it is (its checkpoint resumes it); a finished one merges LoRA, refuses
+    non-finite weights, and (rank 0) writes final/, metrics.json and timing.json, then removes the
+    checkpoint."""
+    summary = _summary(run, preempted)
+    if preempted:
+        if run.live is not None:
+            run.live.end()
+        return TrainResult(run.model, summary["steps"], True, None, summary, run.start_step)
+
+    model, config, out = run.model, run.config, run.out
+    if run.policy.adapter == "lora":
         model = model.merge_and_unload()
     broken = [name for name, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
     if broken:  # never a final checkpoint (and exit status 0) with non-finite weights
-        if live is not None:
-            live.end()
+        if run.live is not None:
+            run.live.end()
         raise FloatingPointError(
-            f"after {total_steps} steps {len(broken)} parameter tensors hold non-finite values (first: {broken[0]}); "
+            f"after {run.total_steps} steps {len(broken)} parameter tensors hold non-finite values (first: {broken[0]}); "
             f"no final checkpoint is written to {out / FINAL_DIR}. Lower the learning rate (lr={config.lr}) or "
             "set max_grad_norm, then delete the run directory to start over")
     final_dir = None
-    if rank == 0:
-        from alphatoken.models import save_pretrained
-
-        def write_final(tmp: Path):
-            save_pretrained(model, tokenizer, tmp)
-            (tmp / "train_config.json").write_text(json.dumps({"objective": objective, **config.to_dict()}, indent=2, default=str))
-
-        final_dir = write_directory(out / FINAL_DIR, write_final)
-        atomic_write_text(out / METRICS, json.dumps(summary, indent=2))
-        atomic_write_text(out / TIMING, json.dumps({
-            "mean_step_seconds": sum(step_seconds) / max(1, len(step_seconds)), "steps_timed": len(step_seconds),
-            "device": device.type,
-            "threads": torch.get_num_threads(), "world_size": world,
-            "note": "wall-clock seconds per optimizer step of this process (a resumed run times only its own steps; "
-                    "the value-realisation probes are excluded)"}, indent=2))
-        live.end()
-        run.finish()  # the checkpoint is removed only once final/ and metrics.json are complete
-    if world > 1:
+    if run.rank == 0:
+        final_dir = _write_outputs(run, model, summary)
+    if run.world > 1:
         dist.barrier()
-    return TrainResult(model, total_steps, False, final_dir or out / FINAL_DIR, summary, start_step)
+    return TrainResult(model, run.total_steps, False, final_dir or out / FINAL_DIR, summary, run.start_step)
+
+
+def _write_outputs(run: _Run, model, summary: dict) -> Path:
+    """Rank 0: final/ (the HF checkpoint and train_config.json), metrics.json and timing.json; the
+    checkpoint is removed only once they are complete. Returns final/."""
+    from alphatoken.models import save_pretrained
+
+    def write_final(tmp: Path):
+        save_pretrained(model, run.tokenizer, tmp)
+        settings = {"objective": run.objective, **run.config.to_dict()}
+        (tmp / "train_config.json").write_text(json.dumps(settings, indent=2, default=str))
+
+    out, step_seconds = run.out, run.step_seconds
+    final_dir = write_directory(out / FINAL_DIR, write_final)
+    atomic_write_text(out / METRICS, json.dumps(summary, indent=2))
+    atomic_write_text(out / TIMING, json.dumps({
+        "mean_step_seconds": sum(step_seconds) / max(1, len(step_seconds)), "steps_timed": len(step_seconds),
+        "device": run.device.type,
+        "threads": torch.get_num_threads(), "world_size": run.world,
+        "note": "wall-clock seconds per optimizer step of this process (a resumed run times only its own steps; "
+                "the value-realisation probes are excluded)"}, indent=2))
+    run.live.end()
+    run.directory.finish()
+    return final_dir
