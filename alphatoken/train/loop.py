@@ -91,7 +91,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "final"
 METRICS = "metrics.json"
-TIMING = "timing.json"  # mean optimizer-step seconds of this process (a measurement, outside the run's identity)
+TIMING = "timing.json"  # optimizer-step seconds of this process, mean and per step (a measurement, outside the run's identity)
 LIVE_DIR = "dvclive"
 REFERENCE_LOSSES = "reference_losses.pt"
 REFERENCE_WEIGHTS = "reference_weights.pt"
@@ -1015,6 +1015,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
         atomic_write_text(out / METRICS, json.dumps(summary, indent=2))
         atomic_write_text(out / TIMING, json.dumps({
             "mean_step_seconds": sum(step_seconds) / max(1, len(step_seconds)), "steps_timed": len(step_seconds),
+            "step_seconds": step_seconds,  # each timed step in order (a benchmark drops the first ones as warm-up)
             "device": device.type,
             "threads": torch.get_num_threads(), "world_size": world,
             "note": "wall-clock seconds per optimizer step of this process (a resumed run times only its own steps; "
