@@ -130,14 +130,16 @@ def table(args, results: dict, began: str) -> str:
         f"{args.last_k} W={args.window} signal={args.signal}, B_val={args.val_batch} refreshed every step; median of "
         f"{args.steps} step(s) after {args.warmup_steps} warm-up step(s)",
         "",
-        "| policy | s / step | min - max | ratio to plain SFT | setup s | setup beyond plain s | peak RSS growth MB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| policy | s / step | min - max | ratio to plain SFT | beyond plain s / step | setup s | setup beyond plain s | "
+        "peak RSS growth MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for mode, r in results.items():
         ratio = f"{r['step'] / base['step']:.2f}x" if base else "-"
+        extra = f"{r['step'] - base['step']:+.2f}" if base and mode != PLAIN else ""
         beyond = f"{r['setup'] - base['setup']:+.1f}" if base and mode != PLAIN else ""
-        lines.append(f"| `{mode}` | {r['step']:.2f} | {r['min']:.2f} - {r['max']:.2f} | {ratio} | {r['setup']:.1f} | "
-                     f"{beyond} | {r['peak_mb']:.0f} |")
+        lines.append(f"| `{mode}` | {r['step']:.2f} | {r['min']:.2f} - {r['max']:.2f} | {ratio} | {extra} | "
+                     f"{r['setup']:.1f} | {beyond} | {r['peak_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -146,7 +148,7 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=2, help="sequences per optimizer step (paper: 64)")
     parser.add_argument("--micro-batch", type=int, default=2, help="sequences per forward/backward")
     parser.add_argument("--val-batch", type=int, default=2, help="validation sequences in G (paper B_val: 32)")
-    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    parser.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
     parser.add_argument("--last-k", type=int, default=3, help="K: scored blocks (paper: 3)")
     parser.add_argument("--window", type=int, default=32, help="W: causal band (paper: 32)")
     parser.add_argument("--signal", default="self", help="valuation signal (params.yaml: self)")
