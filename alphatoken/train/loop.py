@@ -766,6 +766,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
         realisation = ValueRealisation(probes, [p for _, p in named], [name in scored_names for name, _ in named],
                                        pad_id, device, chunk=config.micro_batch_size, autocast=autocast)
     step_seconds = []  # per optimizer step of this process, without the realisation probes
+    step_cpu_seconds = []  # the same steps' CPU time of this process (all its threads)
     bar = tqdm(total=total_steps, initial=start_step, desc=f"{objective}:{policy.name}", disable=not (config.progress and rank == 0))
     orders: dict[int, list[int]] = {}
     preempted = False
@@ -784,7 +785,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
     attention_capture = AttentionCapture(model, last_k=1) if policy.needs_attention else None
     with PreemptionFlag() as flag, (attention_capture or contextlib.nullcontext()):
         for step in range(start_step, total_steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             epoch, position = divmod(step, steps_per_epoch)
             if epoch not in orders:
                 orders = {epoch: _epoch_order(len(features), config.seed, epoch)}
@@ -794,11 +795,12 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
             rho = pcfg.rho_at(step / max(1, total_steps - 1))
             if valuer is not None and (step % refresh == 0 or (step == start_step and not restored_valuation)):
                 valuer.set_validation(val_batch, objective=val_objective)
-            probe_state, probe_seconds = None, 0.0
+            probe_state, probe_seconds, probe_cpu = None, 0.0, 0.0
             if realisation is not None and (step + 1) % config.realisation_every == 0:  # every n-th step
-                t_probe = time.perf_counter()
+                t_probe, c_probe = time.perf_counter(), time.process_time()
                 probe_state = realisation.before(model)
                 probe_seconds += time.perf_counter() - t_probe
+                probe_cpu += time.process_time() - c_probe
 
             optimizer.zero_grad(set_to_none=True)
             # (sum w*l, K, n valid, sum l, n tokens, non-finite, dpo loss sum, correct pairs, pairs)
@@ -912,9 +914,10 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
                     step_grads = [p.grad.detach().clone() for p in trainable] if probe_state is not None else None
                     optimizer.step()
                     if probe_state is not None:
-                        t_probe = time.perf_counter()
+                        t_probe, c_probe = time.perf_counter(), time.process_time()
                         realised = realisation.after(model, probe_state, step_grads, step_lr)
                         probe_seconds += time.perf_counter() - t_probe
+                        probe_cpu += time.process_time() - c_probe
                         del step_grads
             optimizer.zero_grad(set_to_none=True)
             with warnings.catch_warnings():  # a skipped step advances the schedule without optimizer.step()
@@ -931,6 +934,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
 
             elapsed = time.perf_counter() - t0 - probe_seconds
             step_seconds.append(elapsed)
+            step_cpu_seconds.append(time.process_time() - c0 - probe_cpu)
             row = {
                 "step": step + 1,
                 "loss": acc[0].item() / normaliser if skipped is None else float("nan"),
@@ -1016,6 +1020,7 @@ def _train(objective, model, tokenizer, examples, val_data, config: TrainConfig,
         atomic_write_text(out / TIMING, json.dumps({
             "mean_step_seconds": sum(step_seconds) / max(1, len(step_seconds)), "steps_timed": len(step_seconds),
             "step_seconds": step_seconds,  # each timed step in order (a benchmark drops the first ones as warm-up)
+            "step_cpu_seconds": step_cpu_seconds,  # their CPU time: less sensitive than wall time to other jobs
             "device": device.type,
             "threads": torch.get_num_threads(), "world_size": world,
             "note": "wall-clock seconds per optimizer step of this process (a resumed run times only its own steps; "
