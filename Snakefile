@@ -48,8 +48,8 @@ include: "workflow/rules/diagnostics.smk"  # run by name (not in `all`): proxy_o
 rule all:
     input:
         rules.report.output if "sft" in routes() else [],
-        [eval_dir for _, _, eval_dir, _ in EXTRA_RUNS] if "sft" in routes() else [],  # runs outside the matrix (less)
-        wiseft_runs(WISEFT_EVAL) if "sft" in routes() else [],  # also inputs of the report
+        # rows outside the matrix (alphatoken.runs: less, wiseft_a<alpha>), also inputs of the report
+        [run.eval_dir for run in extra_runs("sft")] if "sft" in routes() else [],
         rules.heatmap.output if "sft" in routes() else [],
         rules.report_dpo.output if "dpo" in routes() else [],
     default_target: True

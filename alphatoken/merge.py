@@ -26,7 +26,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-ROW_PREFIX = "wiseft_a"  # report row of a merge: wiseft_a<alpha_tag>
+from alphatoken.runs import WISEFT_ROW_PREFIX
+
+ROW_PREFIX = WISEFT_ROW_PREFIX  # report row of a merge: wiseft_a<alpha_tag> (its run kind: alphatoken.runs)
 TAG_PATTERN = r"[01]\.[0-9]+"  # str() of a float in [0, 1] without an exponent: 0.5, 0.25, 1.0
 
 

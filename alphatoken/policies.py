@@ -452,14 +452,7 @@ def _sepo(ctx, config):
 _NO_PROXY = {"use_prx_dir": False, "use_prx_cau": False}
 _NO_TARGET = {"use_tgt_dir": False, "use_tgt_cau": False}
 
-POLICIES: dict[str, Policy] = {}
-
-# Baselines that are not token policies but runs with rules of their own (a selection before training, a
-# merge after it): their names in a `methods` list are refused, naming where they are configured.
-SECTION_RUNS: dict[str, str] = {
-    "less": "LESS, a selection stage before training: `less:` in params.yaml (less.enabled, less.seeds; "
-            "workflow/rules/less.smk)",
-}
+POLICIES: dict[str, Policy] = {}  # runs that are not token policies (LESS, Wise-FT): alphatoken.runs
 
 
 def _register(policy: Policy) -> None:
@@ -592,19 +585,3 @@ def get_policy(name: str) -> Policy:
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
     return POLICIES[name]
-
-
-# Runs that are not token policies: made after (or around) training by rules of their own and
-# configured in their own parameter section, so they are never items of a run matrix (`train.methods`):
-# name (or name prefix, `wiseft` for `wiseft_a0.5`) -> where they are configured.
-DERIVED_RUNS = {
-    "wiseft": "wiseft.of and wiseft.alphas (Wise-FT: merges of a trained run with the base model, rows wiseft_a<alpha>)",
-}
-
-
-def derived_run(name: str) -> str | None:
-    """Where run `name` is configured when it is one of DERIVED_RUNS (`wiseft`, `wiseft_a0.5`), else None."""
-    for prefix, where in DERIVED_RUNS.items():
-        if name == prefix or name.startswith(prefix + "_"):
-            return where
-    return None

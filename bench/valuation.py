@@ -186,15 +186,29 @@ def run_scoring(args, mode: str, model) -> dict:
             "measured_positions": len(measured)}
 
 
-def worker(args) -> None:
+def load_checkpoint(checkpoint: str, threads: int):
+    """(model, tokenizer) of the converted checkpoint in a mode's subprocess: float32, sdpa, train mode with
+    dropout off (the same arithmetic in every mode), `threads` torch threads."""
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    model, _ = load_model(ModelSpec(source="hub", name_or_path=args.checkpoint, dtype="float32",
-                                    attn_implementation="sdpa"))
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model(ModelSpec(source="hub", name_or_path=checkpoint, dtype="float32",
+                                            attn_implementation="sdpa"))
     model.train()
-    for module in model.modules():  # dropout off: the same arithmetic in every mode
+    for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+    return model, tokenizer
+
+
+def save_embedded_checkpoint(path: str) -> None:
+    """The embedded SmolLM2-135M-Instruct as a safetensors checkpoint in `path`, which every mode loads."""
+    print("converting the embedded SmolLM2-135M-Instruct to a safetensors checkpoint ...", file=sys.stderr)
+    model, tokenizer = load_model(ModelSpec(source="embedded", dtype="float32"))
+    save_pretrained(model, tokenizer, path)
+
+
+def worker(args) -> None:
+    model, _ = load_checkpoint(args.checkpoint, args.threads)
     loaded = maxrss_mb()
     if args.worker in ("score", "naive"):
         result = run_scoring(args, args.worker, model)
@@ -204,9 +218,10 @@ def worker(args) -> None:
     print(json.dumps(result), flush=True)
 
 
-def run_mode(args, mode: str, checkpoint: str) -> dict:
+def run_mode(args, mode: str, checkpoint: str, script: str = __file__) -> dict:
+    """Mode `mode` of `script` in its own subprocess (the parent's flags passed on): its last stdout line, a JSON object."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("worker", "checkpoint", "modes")]
-    cmd = [sys.executable, __file__, "--worker", mode, "--checkpoint", checkpoint, *flags]
+    cmd = [sys.executable, script, "--worker", mode, "--checkpoint", checkpoint, *flags]
     print(f"== {mode}", file=sys.stderr, flush=True)
     result = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -236,10 +251,7 @@ def main() -> None:
 
     modes = args.modes.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        print("converting the embedded SmolLM2-135M-Instruct to a safetensors checkpoint ...", file=sys.stderr)
-        model, tokenizer = load_model(ModelSpec(source="embedded", dtype="float32"))
-        save_pretrained(model, tokenizer, tmp)
-        del model
+        save_embedded_checkpoint(tmp)
         results = {mode: run_mode(args, mode, tmp) for mode in modes}
 
     print(f"\nSmolLM2-135M-Instruct, CPU float32, {args.threads} threads, load {os.getloadavg()[0]:.2f} "

@@ -366,14 +366,14 @@ def test_schema_lists_exactly_the_keys_the_less_stage_and_rules_read():
 def test_less_in_a_methods_list_is_refused_naming_its_section(tmp_path):
     section = Section("train", {"methods": ["full", "less"]}, {"": "params.yaml:1", "methods": "params.yaml:2"})
     valuation = Section("valuation", {}, {"": "params.yaml:9"})
-    with pytest.raises(ParamsError, match=r"params.yaml:2: train.methods: 'less' is not a token policy.*`less:`"):
+    with pytest.raises(ParamsError, match=r"params.yaml:2: train.methods: 'less' is not a run of the train matrix: it is LESS.*`less:`"):
         resolve_run(section, valuation, "less")
     overlay = tmp_path / "o.yaml"
     overlay.write_text("train:\n  methods: [full, less]\n")
     result = subprocess.run([SNAKEMAKE, "-n", "--configfile", str(overlay)], cwd=REPO, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode != 0
-    assert "train.methods: ['less'] are not token policies" in result.stdout + result.stderr
+    assert "train.methods: 'less' is not a run of the train matrix: it is LESS" in result.stdout + result.stderr
 
 
 def dry_run(*configfiles: str) -> str:

@@ -239,6 +239,6 @@ def test_a_merge_name_in_the_methods_is_refused_naming_its_section(tmp_path):
     from alphatoken.stages.train import read_train_config
 
     for method in ("wiseft", "wiseft_a0.5"):
-        with pytest.raises(ParamsError, match=rf"train.methods: '{method}' is not a training run of train.methods: it is "
-                                              r"configured in wiseft.of and wiseft.alphas"):
+        with pytest.raises(ParamsError, match=rf"train.methods: '{method}' is not a run of the train matrix: it is Wise-FT"
+                                              r".* configured in wiseft.of and wiseft.alphas"):
             read_train_config([PARAMS], "train", "valuation", method, 0, "out")

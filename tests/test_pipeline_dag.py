@@ -228,8 +228,7 @@ def test_wiseft_dry_run_plans_the_merges_their_evaluations_and_report_rows(tmp_p
 @pytest.mark.parametrize("text,message", [
     ("wiseft:\n  alphas: [0.5, 1]\n", "wiseft.alphas: alpha 1 is an integer: write it as a float (1.0)"),
     ("wiseft:\n  of: fulll\n  alphas: [0.5]\n", "wiseft.of: 'fulll' is neither a token policy"),
-    ("train:\n  methods: [full, wiseft]\n", "train.methods: 'wiseft' is not a training run of train.methods: it is "
-                                            "configured in wiseft.of and wiseft.alphas"),
+    ("train:\n  methods: [full, wiseft]\n", "train.methods: 'wiseft' is not a run of the train matrix: it is Wise-FT"),
 ], ids=["int alpha", "unknown run", "merge in methods"])
 def test_wiseft_settings_are_checked_before_any_job(tmp_path, text, message):
     overlay = tmp_path / "overlay.yaml"

@@ -153,6 +153,9 @@ def test_realisation_never_changes_the_run_and_scores_the_alphatoken_step(tmp_pa
     assert len(rows["heldout_grad_cos"]) == 1  # every 2nd of 2 steps: step 2 only
     timing = json.loads((tmp_path / "b" / TIMING).read_text())
     assert timing["steps_timed"] == 2 and timing["mean_step_seconds"] > 0
+    assert len(timing["step_seconds"]) == len(timing["step_cpu_seconds"]) == 2
+    assert min(timing["step_seconds"]) > 0 and min(timing["step_cpu_seconds"]) > 0
+    assert timing["mean_step_seconds"] == pytest.approx(sum(timing["step_seconds"]) / 2, rel=1e-12)
 
 
 def test_realisation_and_option_errors(tmp_path, tokenizer):

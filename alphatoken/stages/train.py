@@ -27,7 +27,8 @@ from alphatoken.fisher import (
 )
 from alphatoken.models import ModelSpec, load_model
 from alphatoken.plan import PlanError, check_train_config
-from alphatoken.policies import POLICIES, SECTION_RUNS, PolicyConfig, derived_run, get_policy
+from alphatoken.policies import POLICIES, PolicyConfig, get_policy
+from alphatoken.runs import refused_method, run_kind
 from alphatoken.stages.common import (
     FISHER_STAGE_KEYS, ParamsError, Section, fail, gpus_requested, init_distributed, log_run_environment, read_section,
     relaunch_under_torchrun, split_section, stage_parser, to_config,
@@ -48,24 +49,17 @@ def resolve_run(section: Section, valuation: Section, method: str) -> tuple[str,
     `alphatoken.policies` with the sections as they are, or a variant `section.variants.<method>`
     (`{policy: NAME, <keys of the section>..., valuation: {<valuation keys>...}}`) whose values replace
     the section's and the valuation's, located at the variant's lines. The run section comes back
-    without `variants`. The name of a run made by other rules (`alphatoken.policies.DERIVED_RUNS`, e.g.
-    `wiseft_a0.5`, and `SECTION_RUNS`, e.g. `less`) is refused, naming the section that configures it."""
-    if method in SECTION_RUNS:
-        raise ParamsError(f"{section.locate('methods')}: {method!r} is not a token policy but a run with rules of its "
-                          f"own, configured in its section: {SECTION_RUNS[method]}")
-    derived = derived_run(method)
-    if derived is not None:
-        raise ParamsError(f"{section.locate('methods')}: {method!r} is not a training run of {section.name}.methods: "
-                          f"it is configured in {derived}")
+    without `variants`. The name of a run with rules of its own (`alphatoken.runs.RUN_KINDS`: `less`,
+    `wiseft_a0.5`, `sepo`) is refused, naming the section that configures it; only the run its own rule
+    trains gets through (SePO's `--method sepo`, while `sepo` is not in the section's methods)."""
+    kind = run_kind(method)
+    if kind is not None and (kind.trained_as != method or method in (section.values.get("methods") or [])):
+        raise ParamsError(f"{section.locate('methods')}: {refused_method(section.name, method)}")
     variants = section.values.get(VARIANTS_KEY) or {}
     values = {k: v for k, v in section.values.items() if k != VARIANTS_KEY}
     if method in variants and method in POLICIES:
         raise ParamsError(f"{section.locate(f'{VARIANTS_KEY}.{method}')}: {method!r} is a token policy's name; "
                           "give the variant another name")
-    if method in (section.values.get("methods") or []) and method in POLICIES and POLICIES[method].needs_token_rewards:
-        raise ParamsError(f"{section.locate('methods')}: {method!r} is not a run of the {section.name} matrix: it needs "
-                          "its oracle's per-token rewards; set sepo.seeds instead (its own rules: sepo_oracle, "
-                          "sepo_scores, train_sepo)")
     if method not in variants:
         if method not in POLICIES:
             raise ParamsError(f"{section.locate('methods')}: {method!r} is neither a token policy "

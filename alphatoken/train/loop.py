@@ -96,7 +96,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "final"
 METRICS = "metrics.json"
-TIMING = "timing.json"  # mean optimizer-step seconds of this process (a measurement, outside the run's identity)
+TIMING = "timing.json"  # optimizer-step seconds of this process, mean and per step (a measurement, outside the run's identity)
 LIVE_DIR = "dvclive"
 REFERENCE_LOSSES = "reference_losses.pt"
 REFERENCE_WEIGHTS = "reference_weights.pt"
@@ -663,6 +663,7 @@ class _Run:
     bar: object | None = None  # the progress bar
     orders: dict = field(default_factory=dict)  # epoch -> its data order (the current epoch only)
     step_seconds: list = field(default_factory=list)  # per optimizer step of this process, without the realisation probes
+    step_cpu_seconds: list = field(default_factory=list)  # the same steps' CPU time of this process (all its threads)
 
     @property
     def preference(self) -> bool:
@@ -933,7 +934,7 @@ def _train_step(run: _Run, step: int, flag: PreemptionFlag) -> bool:
     """One optimizer step (the module docstring's steps 1-4), its history row and its checkpoint; True
     when the run is preempted (the checkpoint of this step is written)."""
     config = run.config
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     epoch, position = divmod(step, run.steps_per_epoch)
     if epoch not in run.orders:
         run.orders = {epoch: _epoch_order(len(run.features), config.seed, epoch)}
@@ -944,11 +945,12 @@ def _train_step(run: _Run, step: int, flag: PreemptionFlag) -> bool:
     without_directions = step == run.start_step and not run.restored_valuation  # no G and P from a checkpoint
     if run.valuer is not None and (step % config.val_refresh_every == 0 or without_directions):
         run.valuer.set_validation(run.val_batch, objective=run.val_objective)
-    probe_state, probe_seconds = None, 0.0
+    probe_state, probe_seconds, probe_cpu = None, 0.0, 0.0
     if run.realisation is not None and (step + 1) % config.realisation_every == 0:  # every n-th step
-        t_probe = time.perf_counter()
+        t_probe, c_probe = time.perf_counter(), time.process_time()
         probe_state = run.realisation.before(run.model)
         probe_seconds += time.perf_counter() - t_probe
+        probe_cpu += time.process_time() - c_probe
 
     run.optimizer.zero_grad(set_to_none=True)
     stats = StepStats()
@@ -958,9 +960,11 @@ def _train_step(run: _Run, step: int, flag: PreemptionFlag) -> bool:
             break  # a non-finite loss: the step is skipped
     update = _reduce_and_update(run, stats, probe_state)
     probe_seconds += update.probe_seconds
+    probe_cpu += update.probe_cpu_seconds
     _count_skipped(run.counters, update.skipped)
     elapsed = time.perf_counter() - t0 - probe_seconds
     run.step_seconds.append(elapsed)
+    run.step_cpu_seconds.append(time.process_time() - c0 - probe_cpu)
     _log_step(run, step, stats, update, rho, elapsed)
     return _end_step(run, step, flag)
 
@@ -1102,6 +1106,7 @@ class _Update:
     grad_norm: float = float("nan")  # before clipping (when max_grad_norm is set)
     realised: dict | None = None  # the value-realisation record of the step
     probe_seconds: float = 0.0  # spent in the realisation probe after the update
+    probe_cpu_seconds: float = 0.0  # its CPU time
 
 
 def _reduce_and_update(run: _Run, stats: StepStats, probe_state) -> _Update:
@@ -1126,9 +1131,10 @@ def _reduce_and_update(run: _Run, stats: StepStats, probe_state) -> _Update:
             step_grads = [p.grad.detach().clone() for p in run.trainable] if probe_state is not None else None
             run.optimizer.step()
             if probe_state is not None:
-                t_probe = time.perf_counter()
+                t_probe, c_probe = time.perf_counter(), time.process_time()
                 update.realised = run.realisation.after(run.model, probe_state, step_grads, step_lr)
                 update.probe_seconds = time.perf_counter() - t_probe
+                update.probe_cpu_seconds = time.process_time() - c_probe
                 del step_grads
     run.optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():  # a skipped step advances the schedule without optimizer.step()
@@ -1290,6 +1296,8 @@ def _write_outputs(run: _Run, model, summary: dict) -> Path:
     atomic_write_text(out / METRICS, json.dumps(summary, indent=2))
     atomic_write_text(out / TIMING, json.dumps({
         "mean_step_seconds": sum(step_seconds) / max(1, len(step_seconds)), "steps_timed": len(step_seconds),
+        "step_seconds": step_seconds,  # each timed step in order (a benchmark drops the first ones as warm-up)
+        "step_cpu_seconds": run.step_cpu_seconds,  # their CPU time: less sensitive than wall time to other jobs
         "device": run.device.type,
         "threads": torch.get_num_threads(), "world_size": run.world,
         "note": "wall-clock seconds per optimizer step of this process (a resumed run times only its own steps; "

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
+from alphatoken.runs import RUN_KINDS  # runs with rules of their own: their outputs, refusals and report rows
+
 REPO = Path(workflow.basedir)
 
 
@@ -108,34 +110,18 @@ def matrix_values(wildcard):
     if not isinstance(values, list) or not values:
         raise WorkflowError(f"{section}.{key} must be a non-empty list (the {wildcard}s to run), got {values!r}")
     if key == "methods":
-        from alphatoken.policies import POLICIES, SECTION_RUNS, derived_run
+        from alphatoken.policies import POLICIES
+        from alphatoken.runs import refused_method
 
-        elsewhere = [m for m in values if m in SECTION_RUNS]
-        if elsewhere:
-            raise WorkflowError(f"{section}.{key}: {elsewhere} are not token policies but runs with rules of their own, "
-                                f"configured in their sections: " + "; ".join(SECTION_RUNS[m] for m in elsewhere))
-        derived = [(m, derived_run(m)) for m in values if derived_run(m)]
-        if derived:
-            raise WorkflowError(f"{section}.{key}: {derived[0][0]!r} is not a training run of {section}.{key}: it is "
-                                f"configured in {derived[0][1]}")
+        refused = [refused_method(section, m) for m in values if refused_method(section, m)]
+        if refused:  # runs with rules of their own (alphatoken.runs.RUN_KINDS: less, wiseft_a<alpha>, sepo)
+            raise WorkflowError(f"{section}.{key}: " + "; ".join(refused))
         variants = config[section].get("variants") or {}
-        own_rules = [m for m in values if m in OWN_RULE_METHODS and m not in variants]
-        if own_rules:
-            raise WorkflowError(f"{section}.{key}: {own_rules[0]!r} is not a run of the {section} matrix: "
-                                f"{OWN_RULE_METHODS[own_rules[0]]}")
         unknown = [m for m in values if m not in POLICIES and m not in variants]
         if unknown:
             raise WorkflowError(f"{section}.{key}: {unknown} are neither token policies ({sorted(POLICIES)}) nor "
                                 f"variants of {section}.variants ({sorted(variants)})")
     return values
-
-
-# Methods with rules of their own (an extra input every run of a matrix does not share), configured
-# in their own section rather than in a `methods` list.
-OWN_RULE_METHODS = {
-    "sepo": "SePO needs its oracle DPO run and token rewards: set sepo.seeds (rules sepo_subset, sepo_oracle, "
-            "sepo_scores, train_sepo, evaluate_sepo; report row `sepo`)",
-}
 
 
 def sepo_seeds():
@@ -191,15 +177,24 @@ def run_valuation(section):
     return valuation
 
 
-# Runs outside the matrices (a selection before training, a merge after it), each (row name, seed,
-# evaluation directory, run directory or "-"): their rule files add them when their section enables them,
-# the report lists them with --extra-run and `all` builds them.
-EXTRA_RUNS = []
+def extra_runs(route="sft"):
+    """The rows the report of `route` lists outside its matrices, as `alphatoken.runs.extra_runs` derives them
+    from the parameters (LESS's less-<seed>, the Wise-FT merges wiseft_a<alpha>, SePO's runs), once the settings
+    they come from are checked: their rule files make them, the report reads them (--extra-run) and `all` builds
+    their evaluations."""
+    from alphatoken.runs import extra_runs as registry_runs
+
+    if less_enabled():
+        matrix_values("less_seed")
+    if wiseft_alphas():
+        matrix_values("seed")
+    sepo_seeds()
+    return registry_runs(config, route)
 
 
-def extra_run_args():
-    """The report's --extra-run arguments for EXTRA_RUNS."""
-    return "".join(f" --extra-run {method} {seed} {eval_dir} {run_dir}" for method, seed, eval_dir, run_dir in EXTRA_RUNS)
+def extra_run_args(route="sft"):
+    """The report's --extra-run arguments of `extra_runs(route)`."""
+    return "".join(run.report_arg() for run in extra_runs(route))
 
 
 def less_enabled():
@@ -240,7 +235,6 @@ def routes():
 # An alpha's text in paths and row names is Python's str() of the float, which is what DVC writes for
 # ${item.alpha} too: alphas are floats (1.0, not 1), checked here (alphatoken.merge.alpha_tag) and by the stage.
 WISEFT_MERGE = "results/wiseft/{alpha}-{seed}"
-WISEFT_EVAL = "results/eval/wiseft/{alpha}-{seed}"
 
 
 def wiseft_alphas():
@@ -256,25 +250,11 @@ def wiseft_alphas():
             raise WorkflowError(f"wiseft.alphas: {err}")
     of = config["wiseft"].get("of")
     if alphas:
-        from alphatoken.policies import POLICIES, derived_run
+        from alphatoken.policies import POLICIES
+        from alphatoken.runs import run_kind
 
         variants = config["train"].get("variants") or {}
-        if derived_run(str(of)) or (of not in POLICIES and of not in variants):
+        if run_kind(str(of)) or (of not in POLICIES and of not in variants):
             raise WorkflowError(f"wiseft.of: {of!r} is neither a token policy ({sorted(POLICIES)}) nor a variant of "
                                 f"train.variants ({sorted(variants)}): name the trained run to merge")
     return alphas
-
-
-def wiseft_runs(pattern):
-    """`pattern` (WISEFT_MERGE or WISEFT_EVAL) for every alpha x seed; [] when wiseft.alphas is empty."""
-    alphas = wiseft_alphas()
-    return expand(pattern, alpha=alphas, seed=matrix_values("seed")) if alphas else []
-
-
-def wiseft_extra_runs():
-    """The report's --extra-run arguments of the merges: row wiseft_a<alpha>, seed, its evaluation, and
-    `-` for the run directory (a merge has no training curves or step times)."""
-    from alphatoken.merge import row_name
-
-    return "".join(f" --extra-run {row_name(alpha)} {seed} {WISEFT_EVAL.format(alpha=alpha, seed=seed)} -"
-                   for alpha in wiseft_alphas() for seed in matrix_values("seed"))

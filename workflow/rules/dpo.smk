@@ -296,7 +296,7 @@ rule train_sepo:
         rewards=rules.sepo_scores.output.rewards,
         ref_logps=rules.ref_logps.output.ref_logps,
     output:
-        run=directory("results/dpo/sepo/train/{sepo_seed}"),
+        run=directory(RUN_KINDS["sepo"].run_dir),  # results/dpo/sepo/train/{sepo_seed}
     params:
         dpo=run_params("dpo"),
         valuation=config["valuation"],
@@ -326,7 +326,7 @@ rule evaluate_sepo:
         reference=rules.warmstart_sft.output.run,
         prompts=rules.prepare_data.output.val,
     output:
-        eval=directory("results/dpo/eval/sepo/{sepo_seed}"),
+        eval=directory(RUN_KINDS["sepo"].eval_dir),  # results/dpo/eval/sepo/{sepo_seed}
     params:
         eval=config["eval"],
     log:
@@ -352,8 +352,8 @@ rule report_dpo:
         base=rules.evaluate_warmstart.output.eval,
         evals=all_runs(rules.evaluate_dpo.output.eval),
         runs=all_runs(rules.train_dpo.output.run),
-        sepo_evals=expand(rules.evaluate_sepo.output.eval, sepo_seed=sepo_seeds()),
-        sepo_runs=expand(rules.train_sepo.output.run, sepo_seed=sepo_seeds()),
+        sepo_evals=[run.eval_dir for run in extra_runs("dpo")],  # rows outside the matrix (alphatoken.runs: sepo)
+        sepo_runs=[run.run_dir for run in extra_runs("dpo") if run.run_dir != "-"],
     output:
         table=f"{report_dir('dpo')}/table.md",
         table_csv=f"{report_dir('dpo')}/table.csv",
@@ -383,5 +383,5 @@ rule report_dpo:
             "report",
             "--runs-section dpo --base {input.base} --evals results/dpo/eval/runs --train results/dpo/train "
             f"--out {report_dir('dpo')} --base-name warmstart"
-            + "".join(f" --extra-run sepo {s} results/dpo/eval/sepo/{s} results/dpo/sepo/train/{s}" for s in sepo_seeds()),
+            + extra_run_args("dpo"),
         )

@@ -59,9 +59,9 @@ rule report:
         base=rules.evaluate_base.output.eval,
         evals=all_runs(rules.evaluate.output.eval),
         runs=all_runs(rules.train.output.run),
-        extra_evals=[eval_dir for _, _, eval_dir, _ in EXTRA_RUNS],  # runs outside the matrix (less)
-        extra_runs=[run_dir for _, _, _, run_dir in EXTRA_RUNS if run_dir != "-"],
-        wiseft=wiseft_runs(WISEFT_EVAL),  # the Wise-FT merges (workflow/rules/wiseft.smk), rows wiseft_a<alpha>
+        # rows outside the matrix (alphatoken.runs: less-<seed>, the Wise-FT merges wiseft_a<alpha>; a merge has no run dir)
+        extra_evals=[run.eval_dir for run in extra_runs("sft")],
+        extra_runs=[run.run_dir for run in extra_runs("sft") if run.run_dir != "-"],
     output:
         table=f"{report_dir()}/table.md",
         table_csv=f"{report_dir()}/table.csv",
@@ -90,7 +90,7 @@ rule report:
             "report",
             "report",
             "--runs-section train --base {input.base} --evals results/eval/runs --train results/train "
-            f"--out {report_dir()}{extra_run_args()}{wiseft_extra_runs()}",
+            f"--out {report_dir()}{extra_run_args('sft')}",
         )
 
 

@@ -49,7 +49,7 @@ rule train_less:
         val=rules.prepare_data.output.val,
         held_out=rules.prepare_data.output.test,  # probes of the value-realisation record (train.realisation_every)
     output:
-        run=directory("results/less/train/less-{less_seed}"),
+        run=directory(RUN_KINDS["less"].run_dir),  # results/less/train/less-{less_seed}
     params:
         train=run_params("train"),
         valuation=config["valuation"],
@@ -80,7 +80,7 @@ rule evaluate_less:
         prompts=rules.prepare_data.output.val,
         test=rules.prepare_data.output.test,
     output:
-        eval=directory("results/eval/less/less-{less_seed}"),
+        eval=directory(RUN_KINDS["less"].eval_dir),  # results/eval/less/less-{less_seed}
     params:
         eval=config["eval"],
     log:
@@ -99,8 +99,3 @@ rule evaluate_less:
             "--model {input.run}/final --reference {input.reference} --prompts {input.prompts} "
             "--test-data {input.test} --out {output.eval}",
         )
-
-
-if less_enabled():
-    EXTRA_RUNS.extend(("less", seed, f"results/eval/less/less-{seed}", f"results/less/train/less-{seed}")
-                      for seed in matrix_values("less_seed"))

@@ -42,7 +42,7 @@ rule evaluate_wiseft:
         prompts=rules.prepare_data.output.val,
         test=rules.prepare_data.output.test,
     output:
-        eval=directory(WISEFT_EVAL),
+        eval=directory(RUN_KINDS["wiseft"].eval_dir),  # results/eval/wiseft/{alpha}-{seed}
     params:
         eval=config["eval"],
     wildcard_constraints:
