@@ -215,7 +215,7 @@ def test_model_left_untouched(setup):
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_gradient_checkpointing_gives_same_scores(use_reentrant):
-    for arch in ("llama", "gemma3"):
+    for arch in ("llama", "gemma3", "qwen3_5"):
         setup = Setup(arch)
         model = setup.model
         for signal in ("self", "total"):

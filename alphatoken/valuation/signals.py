@@ -46,8 +46,8 @@ class Signals:
 
     x: dict  # weight name -> (B, T, d_in) input of the linear
     e: dict  # weight name -> (B, T, d_out) error d(objective)/dz of the linear's output
-    band: dict  # block index -> (B, H, T, W) causal band of the attention, band[b, h, p, d-1] = A_h[p+d, p]
-    ctx_err: dict  # block index -> (B, T, H, hd) error of the attention output (o_proj input), per head
+    band: dict  # attention block index -> (B, H, T, W) causal band, band[b, h, p, d-1] = A_h[p+d, p] (none for DeltaNet)
+    ctx_err: dict  # attention block index -> (B, T, H, hd) error of the attention output (before gate and o_proj)
     attn: dict = field(default_factory=dict)  # block index -> (B, H, T, T) A_h[k, p], only with band=None
 
 
