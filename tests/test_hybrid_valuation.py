@@ -203,8 +203,8 @@ def test_unknown_token_mixer_is_refused():
 @pytest.mark.parametrize("arch", ["gemma3_mm", "qwen3_5"])
 def test_fisher_on_the_wrapper_and_the_hybrid(arch):
     """Diagonal Fisher of the scored weights (the language model's for the wrapper, DeltaNet linears
-    included for the hybrid) equals the per-prompt autograd loop; the sampled Fisher is finite and
-    shaped like the weights."""
+    included for the hybrid) equals the per-prompt autograd loop; the sampled Fisher and the
+    Kronecker factors are finite and shaped like the weights."""
     tokenizer = byte_tokenizer()
     model = build_tiny_model(arch, dtype=torch.float64, attn_implementation="sdpa", seed=2)
     prompts = make_prompts()
@@ -222,6 +222,14 @@ def test_fisher_on_the_wrapper_and_the_hybrid(arch):
     params = dict(model.named_parameters())
     for name, value in sampled.items():
         assert value.shape == params[name].shape and torch.isfinite(value).all() and value.abs().sum() > 0, name
+    kfac = compute_fisher(model, tokenizer, prompts, FisherConfig(last_k=2, labels="empirical", kind="kronecker",
+                                                                  batch_size=4), responses=responses, progress=False)
+    assert len(kfac) == 2 * len(sampled)
+    for name in sampled:
+        d_out, d_in = params[name].shape
+        a, s = kfac[name + ".kfac_A"], kfac[name + ".kfac_S"]
+        assert a.shape == (d_in, d_in) and s.shape == (d_out, d_out), name
+        assert torch.isfinite(a).all() and torch.isfinite(s).all() and s.abs().sum() > 0, name
 
 
 def test_hybrid_validation_in_chunks_and_padding(hybrid):
@@ -235,3 +243,39 @@ def test_hybrid_validation_in_chunks_and_padding(hybrid):
     chunked.set_validation(val)
     for c in COMPONENTS:
         assert rel_err(getattr(chunked.score(hybrid.batch), c), getattr(whole.score(hybrid.batch), c)) <= 1e-6, c
+
+
+@pytest.mark.parametrize("arch", ["gemma3_mm", "qwen3_5"])
+def test_alphatoken_trains_the_wrapper_and_the_hybrid(tmp_path, arch):
+    """The training loop's form of the valuation (capture on the training forward, shared head) on both
+    models: two AlphaToken steps keep half of the tokens and move the weights; with rho = 1 the update
+    equals plain SFT, so scoring on the training graph leaves the update alone."""
+    from alphatoken.models import weights_fingerprint
+    from alphatoken.policies import PolicyConfig
+    from alphatoken.train import TrainConfig, train_sft
+
+    tokenizer = byte_tokenizer()
+    data = [{"prompt": f"q{i}: add {i} and {i + 1}", "response": f"the sum is {2 * i + 1}."} for i in range(6)]
+    val = [{"prompt": "q20: add 20 and 21", "response": "the sum is 41."}]
+
+    def run(out, policy, rho):
+        model = build_tiny_model(arch, dtype=torch.float64, attn_implementation="sdpa")
+        g = torch.Generator().manual_seed(0)
+        fisher = {n: torch.rand(lin.weight.shape, generator=g, dtype=torch.float64)
+                  for n, lin in scored_linears(model, 2).items()}
+        cfg = TrainConfig(output_dir=str(tmp_path / out), lr=1e-2, micro_batch_size=2, grad_accum_steps=1, max_steps=2,
+                          warmup_steps=1, adam_eps=1e-5, policy=PolicyConfig(name=policy, rho=rho), progress=False,
+                          max_length=64, valuation=ValuationConfig(last_k=2, window=4))
+        return train_sft(model, tokenizer, data, val if policy == "alphatoken" else None, cfg,
+                         fisher=fisher if policy == "alphatoken" else None)
+
+    half = run("half", "alphatoken", 0.5)
+    assert half.metrics["steps"] == 2 and abs(half.metrics["mean_kept_fraction"] - 0.5) < 0.1
+    start = build_tiny_model(arch, dtype=torch.float64, attn_implementation="sdpa")
+    assert weights_fingerprint(half.model) != weights_fingerprint(start)
+    every = run("every", "alphatoken", 1.0)
+    plain = run("plain", "full", 0.5)
+    assert every.metrics["mean_kept_fraction"] == 1.0
+    params = dict(plain.model.named_parameters())
+    for name, p in every.model.named_parameters():
+        assert torch.equal(p, params[name]), name
