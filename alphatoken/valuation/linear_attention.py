@@ -14,15 +14,17 @@ Only S_{t-1} carries the other positions. The re-run keeps the model's own outpu
 convolution and chunked delta rule on detached inputs) and adds, as an exact zero `f - f.detach()`,
 the same quantities recomputed from the position's own inputs with everything from other positions
 held constant: for the convolution the current-position tap w_{K-1} x_t (the earlier taps detached),
-for the delta rule the closed form above with S_{t-1} constant (`EarlierStateReads`). Values are unchanged; the gradient
-at position t reaches only position t's inputs, which is d l_t / d(.) of the ordinary model, since
-causality leaves no other path from a position's inputs to its own loss.
+for the delta rule the closed form above with S_{t-1} constant (`EarlierStateReads`). Values are
+unchanged; the gradient at position t reaches only position t's inputs, which is d l_t / d(.) of the
+ordinary model, since causality leaves no other path from a position's inputs to its own loss.
 
 r_t and u_t come from a plain recurrence without autograd, and so do their gradients (the states are
 recomputed, never kept): 2 x O(T) steps of (B, H, d_k, d_v) work per block, in the dtype the model's
 kernel computes in (float32, as `torch_chunk_gated_delta_rule` does)."""
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -131,8 +133,6 @@ class own_position_linear_attention:
         self.modules = modules
 
     def __enter__(self):
-        import sys
-
         for module in self.modules:
             if "forward" in module.__dict__:
                 raise RuntimeError(f"{type(module).__name__} already has an instance forward; cannot re-run it")
