@@ -8,6 +8,23 @@
   scaling * lora_B(lora_A(dropout(x)))`); its frozen base weight W0 does not train and is not
   scored, nor is a linear without adapter.
 
+Hybrid decoders (Qwen-3.5: Gated-DeltaNet linear-attention blocks between softmax-attention
+blocks, `config.layer_types`): "the last K blocks" are the last K decoder blocks whatever their token
+mixer, so the scored weights are the same set for valuation, Fisher and training on every
+architecture. Each block's token mixer (`token_mixer`) decides which terms of METHOD.md it carries:
+- softmax attention (a module owning `v_proj` and `o_proj`): the direct path of all its linears and
+  the causal value path of Eq. 9 through its attention probabilities A_h;
+- Gated DeltaNet (`linear_attn`: `in_proj_qkv`, `in_proj_z`, `in_proj_a`, `in_proj_b`, `conv1d`,
+  `out_proj`): the direct path of its linears only. It has no attention probabilities: its value
+  vectors reach later positions through a recurrent state, and Eq. 9's A_h[k, p] is not defined
+  for it, so no causal term is invented. Its errors e_p are exact under both signals (for `self`
+  the valuation re-runs it with the gradient kept on the own position, `valuation.linear_attention`).
+Any other token mixer (a block with neither) is refused by the valuation.
+
+Multimodal wrappers (`Gemma3ForConditionalGeneration`, `Qwen3_5ForConditionalGeneration`, ...): the
+decoder blocks are those of the text decoder (`model.language_model.layers`); the vision tower is
+never scored.
+
 Shared by valuation, Fisher and training so they agree on one definition."""
 
 from __future__ import annotations
@@ -17,14 +34,24 @@ from dataclasses import dataclass
 from torch import nn
 
 
+# where the decoder blocks sit, relative to the model or one of its wrappers' inner models; the text
+# decoder of a multimodal `*ForConditionalGeneration` is its `language_model` (the vision encoder's
+# own layers are under other names and never matched)
+DECODER_PATHS = ("model.layers", "layers", "model.language_model.layers", "language_model.layers",
+                 "transformer.h", "gpt_neox.layers")
+SOFTMAX_ATTENTION, LINEAR_ATTENTION = "attention", "linear_attention"
+GATED_DELTANET_PARTS = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "conv1d", "out_proj", "A_log", "dt_bias")
+
+
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a Hugging Face decoder-only causal LM, wrapped or not (PEFT, DDP)."""
+    """The decoder blocks of a Hugging Face causal LM, wrapped or not (PEFT, DDP), or of the text
+    decoder of a multimodal `*ForConditionalGeneration` model."""
     candidates = [model]
     for attr in ("module", "base_model", "model"):  # DDP, PEFT wrappers, then the usual nesting
         nested = [getattr(c, attr) for c in candidates if isinstance(getattr(c, attr, None), nn.Module)]
         candidates += nested
     for candidate in candidates:
-        for path in ("model.layers", "layers", "transformer.h", "gpt_neox.layers"):
+        for path in DECODER_PATHS:
             obj = candidate
             for part in path.split("."):
                 obj = getattr(obj, part, None)
@@ -34,7 +61,27 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
                 return obj
     raise ValueError(
         f"cannot find the decoder blocks of {type(model).__name__}: expected a ModuleList at "
-        "`model.layers` (Llama/Qwen/Gemma/Mistral style)"
+        "`model.layers` (Llama/Qwen/Gemma/Mistral style) or `model.language_model.layers` (multimodal wrappers)"
+    )
+
+
+def _is_projection(module) -> bool:
+    return isinstance(module, nn.Linear) or is_lora_layer(module)
+
+
+def token_mixer(block: nn.Module, where: str = "") -> tuple[str, nn.Module]:
+    """`(kind, module)` of a decoder block's token mixer (module docstring): `SOFTMAX_ATTENTION` and
+    the submodule owning `v_proj` and `o_proj` (plain or LoRA-adapted linears), or `LINEAR_ATTENTION`
+    and a Gated DeltaNet (`linear_attn` of Qwen-3.5). Raises ValueError, naming `where`, otherwise."""
+    for module in block.modules():
+        if _is_projection(getattr(module, "v_proj", None)) and _is_projection(getattr(module, "o_proj", None)):
+            return SOFTMAX_ATTENTION, module
+    for module in block.modules():
+        if all(hasattr(module, part) for part in GATED_DELTANET_PARTS):
+            return LINEAR_ATTENTION, module
+    raise ValueError(
+        f"{where or type(block).__name__}: the valuation knows softmax attention (a module with `v_proj` and "
+        "`o_proj` linears) and Gated-DeltaNet linear attention (Qwen-3.5 `linear_attn`); this block has neither"
     )
 
 

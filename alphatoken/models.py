@@ -89,10 +89,14 @@ def build_tiny_model(
 ) -> nn.Module:
     """A randomly initialised decoder-only causal LM of a real Hugging Face architecture.
 
-    arch: "llama", "qwen2" (q/k/v biases) or "gemma3" (text-only, alternating sliding-window and
-    full-attention layers with window 4). Grouped-query attention when kv heads < heads.
+    arch: "llama", "qwen2" (q/k/v biases), "gemma3" (text-only, alternating sliding-window and
+    full-attention layers with window 4), "gemma3_mm" (the same text decoder inside the multimodal
+    `Gemma3ForConditionalGeneration`, with a one-layer vision tower; its decoder weights are those
+    of "gemma3" under `model.language_model.`, see `multimodal_state_dict`) or "qwen3_5" (the hybrid
+    Qwen-3.5: Gated-DeltaNet linear-attention layers alternating with gated full-attention layers,
+    the last one full, `config.layer_types`). Grouped-query attention when kv heads < heads.
     """
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3_5TextConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -112,18 +116,60 @@ def build_tiny_model(
         config = LlamaConfig(**common)
     elif arch == "qwen2":
         config = Qwen2Config(**common)  # q/k/v projections carry biases
-    elif arch == "gemma3":
+    elif arch in ("gemma3", "gemma3_mm"):
         layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_hidden_layers)]
         config = Gemma3TextConfig(**common, sliding_window=4, layer_types=layer_types)
+    elif arch == "qwen3_5":
+        layer_types = ["full_attention" if (num_hidden_layers - 1 - i) % 2 == 0 else "linear_attention"
+                       for i in range(num_hidden_layers)]
+        config = Qwen3_5TextConfig(**common, layer_types=layer_types, linear_num_key_heads=num_key_value_heads,
+                                   linear_num_value_heads=num_attention_heads, linear_key_head_dim=head_dim,
+                                   linear_value_head_dim=head_dim)
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; expected llama, qwen2 or gemma3")
-    config._attn_implementation = attn_implementation
+        raise ValueError(f"unknown tiny architecture {arch!r}; expected llama, qwen2, gemma3, gemma3_mm or qwen3_5")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        config._attn_implementation = attn_implementation
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if arch == "gemma3_mm":
+            model = _tiny_gemma3_multimodal(model, attn_implementation, dtype)
     return model.eval()
+
+
+def _tiny_gemma3_multimodal(text_only: nn.Module, attn_implementation: str, dtype: torch.dtype) -> nn.Module:
+    """`Gemma3ForConditionalGeneration` with the text decoder and LM head of the text-only `text_only`
+    and a one-layer SigLIP tower (28 x 28 images, one soft token per image); the image tokens are the
+    last three ids of the vocabulary."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text_config = text_only.config
+    vocab = text_config.vocab_size
+    config = Gemma3Config(
+        text_config=text_config.to_dict(),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=1, boi_token_index=vocab - 3, eoi_token_index=vocab - 2, image_token_index=vocab - 1,
+        tie_word_embeddings=text_config.tie_word_embeddings,
+    )
+    config._attn_implementation = attn_implementation
+    model = Gemma3ForConditionalGeneration(config).to(dtype)
+    model.load_state_dict(multimodal_state_dict(text_only.state_dict(), model.state_dict()))
+    return model
+
+
+def multimodal_state_dict(text_state: dict, multimodal_state: dict) -> dict:
+    """The state dict of a multimodal wrapper with its text decoder (and LM head) replaced by those of
+    an equivalent text-only causal LM: `model.X` -> `model.language_model.X`, `lm_head` unchanged;
+    the vision tower and projector keep their weights."""
+    out = dict(multimodal_state)
+    for name, tensor in text_state.items():
+        key = name if name.startswith("lm_head.") else "model.language_model." + name.removeprefix("model.")
+        if key not in out or out[key].shape != tensor.shape:
+            raise KeyError(f"{name}: no matching {key} in the multimodal model")
+        out[key] = tensor
+    return out
 
 
 def load_model(spec: ModelSpec, device: str | torch.device = "cpu"):

@@ -5,7 +5,10 @@ weight (a leaf of shape (B, T, d_out, d_in)); then `grad W[b, p]` is exactly the
 gradient e_p (x) x_p. `self`: one backward per loss position of l_p alone; `total`: one backward of
 L = sum_p l_p. The value-path term builds the explicit (d_out, d_in) matrix
 sum_h sum_k A_h[k, p] c_{k,h} (x) x_p on the rows of head group g(h), with c_k the autograd
-gradient of the o_proj input at k and A recomputed in plain eager math from the attention inputs."""
+gradient of the attention output at k (what the attention function returns, before the block's
+output gate, if any, and o_proj) and A recomputed in plain eager math from the attention inputs.
+Blocks without softmax attention (the Gated-DeltaNet blocks of a hybrid) have no value-path term;
+their linears are scored by the direct terms like any other."""
 
 from __future__ import annotations
 
@@ -20,12 +23,14 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from alphatoken.blocks import scored_blocks, scored_linears
 
 RECORDING = "bruteforce_recording"
-_PROBS: dict = {}
+_PROBS: dict = {}  # id(attention module) -> (B, H, T, T) probabilities
+_OUTPUTS: dict = {}  # id(attention module) -> (B, T, H, hd) attention output, in the graph
 
 
 def _recording_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """The model's sdpa attention, plus an explicit eager computation of the probabilities."""
     out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    _OUTPUTS[id(module)] = out[0]  # (B, T, H, hd)
     n_rep = query.shape[1] // key.shape[1]
     keys = key.detach().repeat_interleave(n_rep, dim=1)  # (B, H, T, hd)
     scale = scaling if scaling is not None else module.head_dim**-0.5
@@ -42,6 +47,14 @@ def _recording_attention(module, query, key, value, attention_mask, scaling=None
 
 AttentionInterface.register(RECORDING, _recording_attention)
 AttentionMaskInterface.register(RECORDING, sdpa_mask)
+
+
+def attention_modules(model, last_k: int) -> list:
+    """The softmax-attention module (owning v_proj and o_proj) of every scored block that has one."""
+    found = []
+    for _, block in scored_blocks(model, last_k):
+        found += [m for m in block.modules() if hasattr(m, "v_proj") and hasattr(m, "o_proj")][:1]
+    return found
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -82,14 +95,17 @@ def _per_position_weights(model, linears: dict, leaves: dict, inputs: dict):
             return z if linear.bias is None else z + linear.bias
         return forward
 
-    saved_impl = model.config._attn_implementation
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}  # text/vision sub-configs too
+    saved_impl = {key: cfg.__dict__.get("_attn_implementation_internal") for key, cfg in configs.items()}
     for name, linear in linears.items():
         linear.forward = patched(name, linear)
-    model.config._attn_implementation = RECORDING
+    for cfg in configs.values():
+        cfg._attn_implementation_internal = RECORDING
     try:
         yield
     finally:
-        model.config._attn_implementation = saved_impl
+        for key, cfg in configs.items():
+            cfg._attn_implementation_internal = saved_impl[key]
         for linear in linears.values():
             del linear.forward
 
@@ -102,18 +118,18 @@ def bruteforce_scores(model, batch: dict, *, last_k: int, window: int, lam: floa
     B, T = labels.shape
     leaves, inputs = {}, {}
     _PROBS.clear()
+    _OUTPUTS.clear()
     with _per_position_weights(model, linears, leaves, inputs):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     losses = token_losses(out.logits, labels)  # (B, T-1)
     names = list(linears)
-    blocks = [block for _, block in scored_blocks(model, last_k)]
-    attns = [next(m for m in blk.modules() if hasattr(m, "v_proj") and hasattr(m, "o_proj")) for blk in blocks]
+    attns = attention_modules(model, last_k)
     o_names = [next(n for n in names if linears[n] is a.o_proj) for a in attns]
     v_names = [next(n for n in names if linears[n] is a.v_proj) for a in attns]
-    wanted = [leaves[n] for n in names] + [inputs[n] for n in o_names]
+    wanted = [leaves[n] for n in names] + [_OUTPUTS[id(a)] for a in attns]
 
     weight_grad = {n: torch.zeros_like(leaves[n]) for n in names}  # (B, T, d_out, d_in): e_p (x) x_p
-    ctx_err = {n: torch.zeros_like(inputs[n]) for n in o_names}  # (B, T, H*hd): grad of o_proj input
+    ctx_err = {n: torch.zeros_like(_OUTPUTS[id(a)]) for n, a in zip(o_names, attns)}  # (B, T, H, hd): grad of attn output
     if signal == "total":
         grads = torch.autograd.grad(losses.sum(), wanted, allow_unused=True)
         for n, g in zip(names, grads):
@@ -140,10 +156,10 @@ def bruteforce_scores(model, batch: dict, *, last_k: int, window: int, lam: floa
         for attn, o_name, v_name in zip(attns, o_names, v_names):
             probs = _PROBS[id(attn)]  # (B, H, T, T)
             H = probs.shape[1]
-            hd = inputs[o_name].shape[-1] // H
+            c = ctx_err[o_name]  # (B, T, H, hd)
+            hd = c.shape[-1]
             n_rep = H // (linears[v_name].out_features // hd)
             x_v = inputs[v_name].detach()  # (B, T, d_in)
-            c = ctx_err[o_name].view(B, T, H, hd)
             for b in range(B):
                 for p in range(T):
                     m = torch.zeros_like(direction[v_name])  # (d_out, d_in)
@@ -179,11 +195,10 @@ def bruteforce_scores_by_autograd(model, batch: dict, *, last_k: int, window: in
     linears = scored_linears(model, last_k)
     labels = batch["labels"]
     B, T = labels.shape
-    blocks = [block for _, block in scored_blocks(model, last_k)]
-    attns = [next(m for m in blk.modules() if hasattr(m, "v_proj") and hasattr(m, "o_proj")) for blk in blocks]
+    attns = attention_modules(model, last_k)
     names = list(linears)
     feeding = [[n for n in names if any(linears[n] is m for m in a.v_proj.modules())] for a in attns]
-    values, contexts, handles = {}, {}, []  # block -> v_proj output (B, T, Hkv*hd), o_proj input (B, T, H*hd)
+    values, handles = {}, []  # block -> v_proj output (B, T, Hkv*hd)
 
     def keep(store, i, pick):
         def hook(module, args, output):
@@ -192,9 +207,9 @@ def bruteforce_scores_by_autograd(model, batch: dict, *, last_k: int, window: in
 
     for i, attn in enumerate(attns):
         handles.append(attn.v_proj.register_forward_hook(keep(values, i, lambda args, output: output)))
-        handles.append(attn.o_proj.register_forward_hook(keep(contexts, i, lambda args, output: args[0])))
     leaves, inputs = {}, {}
     _PROBS.clear()
+    _OUTPUTS.clear()
     try:
         with _per_position_weights(model, linears, leaves, inputs):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -202,10 +217,11 @@ def bruteforce_scores_by_autograd(model, batch: dict, *, last_k: int, window: in
         for handle in handles:
             handle.remove()
     losses = token_losses(out.logits, labels)  # (B, T-1)
-    wanted = [leaves[n] for n in names] + [contexts[i] for i in range(len(attns))]
+    contexts = [_OUTPUTS[id(a)] for a in attns]  # (B, T, H, hd) attention outputs
+    wanted = [leaves[n] for n in names] + contexts
 
     weight_grad = {n: torch.zeros_like(leaves[n]) for n in names}  # (B, T, d_out, d_in): e_p (x) x_p
-    ctx_err = [torch.zeros_like(contexts[i]) for i in range(len(attns))]  # (B, T, H*hd)
+    ctx_err = [torch.zeros_like(contexts[i]) for i in range(len(attns))]  # (B, T, H, hd)
     if signal == "total":
         grads = torch.autograd.grad(losses.sum(), wanted, retain_graph=True, allow_unused=True)
         for n, g in zip(names, grads):
@@ -234,7 +250,7 @@ def bruteforce_scores_by_autograd(model, batch: dict, *, last_k: int, window: in
             continue
         probs = _PROBS[id(attn)]  # (B, H, T, T) [query k, key p]
         H = probs.shape[1]
-        c = ctx_err[i].detach().view(B, T, H, -1)  # (B, T, H, hd)
+        c = ctx_err[i].detach()  # (B, T, H, hd)
         v = values[i].view(B, T, -1, c.shape[-1])  # (B, T, Hkv, hd), in the graph
         v_heads = v.repeat_interleave(H // v.shape[2], dim=2)  # (B, T, H, hd): head h reads group h // n_rep
         band = ((k_minus_p >= 1) & (k_minus_p <= window)).to(probs.dtype)  # (T, T)

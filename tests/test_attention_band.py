@@ -29,7 +29,8 @@ def test_band_equals_the_full_matrix_diagonals(arch, signal):
     _, batch, valuer = make_case(arch, signal)
     banded = valuer.signals(batch)
     full = valuer.signals(batch, full_attention=True)
-    assert set(banded.band) == set(full.attn) and len(banded.band) == LAST_K
+    attention_blocks = 1 if arch == "qwen3_5" else LAST_K  # the hybrid's last two: DeltaNet, attention
+    assert set(banded.band) == set(full.attn) == set(banded.ctx_err) and len(banded.band) == attention_blocks
     for idx, probs in full.attn.items():
         B, H, T, _ = probs.shape
         expected = torch.zeros(B, H, T, WINDOW, dtype=probs.dtype)

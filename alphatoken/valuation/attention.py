@@ -32,6 +32,9 @@ class AttentionRecord:
     keep: bool = True  # record the probabilities (False: plain eager attention outside a re-run)
     band: int | None = None  # W: record only the causal band (B, H, T, W); 0: record nothing; None: full matrix
     bands: dict = field(default_factory=dict)  # id(attention module) -> (B, H, T, W) band, detached
+    # id(attention module) -> (B, T, H, hd) attention output, in the re-run graph: its gradient is the
+    # context error c (taken before any output gate and o_proj the module applies afterwards)
+    outputs: dict = field(default_factory=dict)
 
 
 def causal_band(probs: torch.Tensor, window: int) -> torch.Tensor:
@@ -98,7 +101,10 @@ def capturing_attention(module, query, key, value, attention_mask, scaling=None,
         record.probs.setdefault(id(module), probs.detach())
     elif record.keep and record.band > 0 and id(module) not in record.bands:
         record.bands[id(module)] = causal_band(probs.detach(), record.band)
-    return out.transpose(1, 2).contiguous(), probs
+    out = out.transpose(1, 2).contiguous()  # (B, Tq, H, hd)
+    if record.keep:
+        record.outputs.setdefault(id(module), out)
+    return out, probs
 
 
 def register_attention() -> None:

@@ -14,7 +14,10 @@ TARGET_FORMS = ("auto", "contract", "ghost")
 
 @dataclass(frozen=True)
 class ValuationConfig:
-    last_k: int = 3  # number of final decoder blocks whose nn.Linear weights are scored (paper K)
+    # number of final decoder blocks whose nn.Linear weights are scored (paper K). On a hybrid decoder
+    # (Qwen-3.5) these are the last K blocks whatever their token mixer: a Gated-DeltaNet block gives
+    # direct terms only, a softmax-attention block direct and value-path terms (alphatoken.blocks)
+    last_k: int = 3
     window: int = 32  # causal band: positions k in (p, min(p + window, T - 1)] feed token p's value path (paper W)
     # weight of the retention proxy in the total score (paper lambda); >= 0: the proxy aligns a token's
     # gradient with the Fisher-weighted drift F * (W - W_ref), so a negative lambda would reward the

@@ -9,9 +9,15 @@ for the `self` signal the per-position g_p = d l_p / d h_p (the LM head is posit
 already is that) through the gradient-stopping attention, which yields e_p = d l_p / d z_p.
 Backward of the training graph itself is never needed beyond the head, and `.grad` is never touched.
 
-The context error c of a block (the error of the attention output, i.e. of the `o_proj` input) is
-e_o W_o when `o_proj` is itself a scored linear; otherwise (a LoRA-adapted or frozen `o_proj`) it is
-taken by the same backward, as the gradient of the `o_proj` input captured in the re-run."""
+The context error c of a softmax-attention block is the error of the attention output itself, per
+head (the tensor `capturing_attention` returns, before anything the block applies to it), taken by
+the same backward. Without an output gate that is the error of the `o_proj` input; Qwen-3.5's
+attention multiplies the output by sigmoid(gate) before `o_proj`, so there c_k = sigmoid(gate_k) *
+(error of the o_proj input), which is what the value path v_p -> A_h[k, p] v_p -> o_proj needs.
+
+Hybrid models: Gated-DeltaNet blocks among the scored ones (`alphatoken.blocks.token_mixer`) give x
+and e of their linears and no band or context error; under the `self` signal they re-run with the
+gradient kept on the own position (`linear_attention.own_position_linear_attention`)."""
 
 from __future__ import annotations
 
@@ -20,8 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from alphatoken.blocks import is_lora_layer
+from alphatoken.blocks import LINEAR_ATTENTION, SOFTMAX_ATTENTION, token_mixer
 from alphatoken.valuation.attention import ATTENTION_NAME, AttentionRecord, active_record
+from alphatoken.valuation.linear_attention import own_position_linear_attention
 
 
 @dataclass
@@ -39,8 +46,8 @@ class Signals:
 
     x: dict  # weight name -> (B, T, d_in) input of the linear
     e: dict  # weight name -> (B, T, d_out) error d(objective)/dz of the linear's output
-    band: dict  # block index -> (B, H, T, W) causal band of the attention, band[b, h, p, d-1] = A_h[p+d, p]
-    ctx_err: dict  # block index -> (B, T, H, hd) error of the attention output (o_proj input), per head
+    band: dict  # attention block index -> (B, H, T, W) causal band, band[b, h, p, d-1] = A_h[p+d, p] (none for DeltaNet)
+    ctx_err: dict  # attention block index -> (B, T, H, hd) error of the attention output (before gate and o_proj)
     attn: dict = field(default_factory=dict)  # block index -> (B, H, T, T) A_h[k, p], only with band=None
 
 
@@ -164,17 +171,25 @@ def _refuse_plain_backward(tensor):
         "blocks: back-propagate the loss with `valuer.backward(loss, token_loss)`, not `loss.backward()`")
 
 
-def _is_projection(module) -> bool:
-    return isinstance(module, nn.Linear) or is_lora_layer(module)
-
-
 def attention_module(block: nn.Module) -> nn.Module:
     """The self-attention module of a decoder block: the submodule owning `v_proj` and `o_proj`
-    (plain or LoRA-adapted linears)."""
-    for module in block.modules():
-        if _is_projection(getattr(module, "v_proj", None)) and _is_projection(getattr(module, "o_proj", None)):
-            return module
-    raise ValueError(f"{type(block).__name__} has no attention module with `v_proj` and `o_proj` linears")
+    (plain or LoRA-adapted linears). Raises ValueError for a block without one (e.g. linear attention)."""
+    kind, module = token_mixer(block)
+    if kind != SOFTMAX_ATTENTION:
+        raise ValueError(f"{type(block).__name__} has no attention module with `v_proj` and `o_proj` linears ({kind})")
+    return module
+
+
+def softmax_attention_modules(blocks: list[tuple[int, nn.Module]]) -> dict[int, nn.Module]:
+    """Block index -> attention module, for the blocks whose token mixer is softmax attention."""
+    mixers = {idx: token_mixer(block, f"decoder block {idx}") for idx, block in blocks}
+    return {idx: module for idx, (kind, module) in mixers.items() if kind == SOFTMAX_ATTENTION}
+
+
+def linear_attention_modules(blocks: list[tuple[int, nn.Module]]) -> dict[int, nn.Module]:
+    """Block index -> Gated-DeltaNet module, for the linear-attention blocks."""
+    mixers = {idx: token_mixer(block, f"decoder block {idx}") for idx, block in blocks}
+    return {idx: module for idx, (kind, module) in mixers.items() if kind == LINEAR_ATTENTION}
 
 
 def rerun_scored_blocks(
@@ -204,19 +219,10 @@ def rerun_scored_blocks(
 
         return hook
 
-    attn_modules = {idx: attention_module(block) for idx, block in blocks}
-    # blocks whose o_proj is not a scored linear: their context error is the gradient of the o_proj input
-    context_inputs = {}  # block index -> (B, T, H*hd) o_proj input, in the re-run graph
-    unscored_o = [idx for idx, m in attn_modules.items() if not any(lin is m.o_proj for lin in linears.values())]
+    attn_modules = softmax_attention_modules(blocks)
+    deltanets = list(linear_attention_modules(blocks).values()) if stop_cross_position_grad else []
 
-    def context_hook(idx):
-        def hook(module, args, output):
-            if idx not in context_inputs:  # first call only
-                context_inputs[idx] = args[0]
-
-        return hook
-
-    configs = {id(m.config): m.config for m in attn_modules.values()}
+    configs = {id(m.config): m.config for m in attn_modules.values()}  # hybrids: the attention blocks' config
     saved_impl = {key: cfg.__dict__.get("_attn_implementation_internal") for key, cfg in configs.items()}
     saved_ckpt = {idx: block.__dict__.get("gradient_checkpointing", None) for idx, block in blocks}
     attn_record = AttentionRecord(stop_cross_position_grad=stop_cross_position_grad, band=band)
@@ -224,23 +230,23 @@ def rerun_scored_blocks(
     try:
         for name, linear in linears.items():
             handles.append(linear.register_forward_hook(linear_hook(name)))
-        for idx in unscored_o:
-            handles.append(attn_modules[idx].o_proj.register_forward_hook(context_hook(idx)))
         for cfg in configs.values():
             cfg._attn_implementation_internal = ATTENTION_NAME
         for idx, block in blocks:
             if hasattr(block, "gradient_checkpointing"):
                 block.gradient_checkpointing = False  # the re-run is K blocks only; hooks must fire once
-        with torch.enable_grad(), torch.autocast(device_type=device_type, enabled=False), active_record(attn_record):
+        with (torch.enable_grad(), torch.autocast(device_type=device_type, enabled=False), active_record(attn_record),
+              own_position_linear_attention(deltanets)):
             hidden = record.first_input.to(param.dtype).requires_grad_(True)  # (B, T, d) leaf
             for idx, block in blocks:
                 rest, kwargs = record.block_calls[idx]
                 kwargs = {**kwargs, "past_key_values": None, "use_cache": False}
                 hidden = _hidden_of(block(hidden, *rest, **kwargs))  # (B, T, d)
             names = list(outputs)
-            wanted = [outputs[n] for n in names] + [context_inputs[idx] for idx in unscored_o]
-            grads = torch.autograd.grad(hidden, wanted, grad_outputs=cotangent.to(hidden.dtype), allow_unused=True)
-            grads, context_grads = grads[: len(names)], dict(zip(unscored_o, grads[len(names):]))
+            contexts = [attn_record.outputs[id(m)] for m in attn_modules.values()]  # (B, T, H, hd) each
+            grads = torch.autograd.grad(hidden, [outputs[n] for n in names] + contexts,
+                                        grad_outputs=cotangent.to(hidden.dtype), allow_unused=True)
+            grads, context_grads = grads[: len(names)], dict(zip(attn_modules, grads[len(names):]))
     finally:
         for handle in handles:
             handle.remove()
@@ -257,22 +263,11 @@ def rerun_scored_blocks(
         e[n] = (torch.zeros_like(outputs[n]) if g is None else g).detach().to(compute_dtype)  # (B, T, d_out)
     attn, bands, ctx_err = {}, {}, {}
     for idx, module in attn_modules.items():
-        if idx in context_grads:
-            g = context_grads[idx]
-            c = (torch.zeros_like(context_inputs[idx]) if g is None else g).detach().to(compute_dtype)  # (B, T, H*hd)
-        else:
-            o_name = _name_of(linears, module.o_proj)
-            c = e[o_name] @ module.o_proj.weight.detach().to(compute_dtype)  # (B, T, H*hd): error of the o_proj input
+        g = context_grads[idx]
+        out = attn_record.outputs[id(module)]
+        ctx_err[idx] = (torch.zeros_like(out) if g is None else g).detach().to(compute_dtype)  # (B, T, H, hd)
         if band is None:
             attn[idx] = attn_record.probs[id(module)].to(compute_dtype)  # (B, H, T, T)
         elif band > 0:
             bands[idx] = attn_record.bands[id(module)].to(compute_dtype)  # (B, H, T, W)
-        ctx_err[idx] = c.view(*c.shape[:2], -1, module.head_dim)  # (B, T, H, hd)
     return Signals(x=x, e=e, band=bands, ctx_err=ctx_err, attn=attn)
-
-
-def _name_of(linears: dict[str, nn.Linear], module: nn.Linear) -> str:
-    for name, linear in linears.items():
-        if linear is module:
-            return name
-    raise KeyError("linear is not among the scored linears")

@@ -54,7 +54,14 @@ from alphatoken.valuation.scores import (
     ghost_direction,
     token_nll,
 )
-from alphatoken.valuation.signals import BlockCapture, ForwardRecord, HeadCut, Signals, attention_module, rerun_scored_blocks
+from alphatoken.valuation.signals import (
+    BlockCapture,
+    ForwardRecord,
+    HeadCut,
+    Signals,
+    rerun_scored_blocks,
+    softmax_attention_modules,
+)
 
 
 @dataclass(frozen=True)
@@ -150,8 +157,9 @@ class TokenValuer:
         self.compute_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         self.value_weight = {}  # name of a scored weight feeding v_proj -> scored block index
         self.value_maps: dict[str, ValueMap] = {}  # LoRA factors of v_proj -> their map to the value change
+        attention = softmax_attention_modules(self.blocks)  # refuses a block whose token mixer is unknown
         for idx, block in self.blocks:
-            v_proj = attention_module(block).v_proj
+            v_proj = attention[idx].v_proj if idx in attention else None  # None: linear attention, direct path only
             factor_maps = {}
             for layer in block.modules():
                 if is_lora_layer(layer):
@@ -160,11 +168,11 @@ class TokenValuer:
                             raise ValueError(
                                 f"block {idx}: LoRA adapter {f.adapter!r} has dropout {f.dropout}: the valuation re-run "
                                 "cannot reproduce the dropout mask of the training forward; use lora_dropout=0")
-                        if layer is v_proj:
+                        if v_proj is not None and layer is v_proj:
                             factor_maps[id(f.lora_A)] = ValueMap(f.scaling, f.lora_B)
                             factor_maps[id(f.lora_B)] = ValueMap(f.scaling, None)
             for name, linear in self.linears.items():
-                if linear is v_proj or id(linear) in factor_maps:
+                if (v_proj is not None and linear is v_proj) or id(linear) in factor_maps:
                     self.value_weight[name] = idx
                 if id(linear) in factor_maps:
                     self.value_maps[name] = factor_maps[id(linear)]
