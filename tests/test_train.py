@@ -226,3 +226,26 @@ def test_step_stats_sum_as_float64_and_reduce_in_one_all_reduce(monkeypatch):
     assert calls == [(torch.float64, len(before), 2)]
     assert dataclasses.asdict(stats) == {name: 2 * value for name, value in before.items()}
     assert stats.normaliser(preference=True) == 6.0 and stats.normaliser(preference=False) == 0.2
+
+
+def test_statistics_and_stop_flag_are_reduced_on_the_backends_device(monkeypatch):
+    """NCCL reduces CUDA tensors only: a CPU tensor (the step's statistics, the stop flag) goes to the
+    current CUDA device for the all-reduce and comes back; under gloo it stays on the CPU."""
+    from alphatoken.train import loop
+
+    calls = []
+
+
+    monkeypatch.setattr(loop.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(loop.dist, "all_reduce", lambda tensor, op: calls.append(tensor.device) or tensor.mul_(2))
+    monkeypatch.setattr(loop.dist, "get_backend", lambda: "gloo")
+    flag = torch.tensor([1.0])
+    assert loop._all_reduce(flag, 2) is flag and flag.item() == 2.0 and calls == [torch.device("cpu")]
+    monkeypatch.setattr(loop.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(loop.torch.cuda, "current_device", lambda: 0)
+    assert loop._collective_device() == torch.device("cuda", 0)
+    moved = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device: moved.append(device) or self.clone())
+    flag = torch.tensor([1.0])
+    loop._all_reduce(flag, 2)
+    assert moved == [torch.device("cuda", 0)] and flag.item() == 2.0  # reduced on the device, copied back

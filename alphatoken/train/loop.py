@@ -163,9 +163,24 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def _collective_device() -> torch.device:
+    """Where the process group reduces: NCCL takes CUDA tensors only (the current device), gloo CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_reduce(tensor: torch.Tensor, world: int) -> torch.Tensor:
+    """Sum `tensor` over the processes in place; a tensor on another device than the backend's (the step's
+    statistics and the stop flag are built on the CPU) is reduced there and copied back."""
     if world > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        device = _collective_device()
+        if tensor.device == device:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        else:
+            moved = tensor.to(device)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            tensor.copy_(moved)
     return tensor
 
 
