@@ -80,6 +80,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor
 
+from alphatoken.hooks import claim, release
 from alphatoken import __version__
 from alphatoken.blocks import scored_blocks, scored_linears
 from alphatoken.data import IGNORE_INDEX, ExampleDropped, check_choice, check_int, check_number, encode_chat
@@ -380,6 +381,7 @@ class _LinearCapture:
     def __init__(self, first_block: nn.Module, linears: dict[str, nn.Linear]):
         self.records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in linears}
         self.active = False
+        self.claimed = claim("the Fisher's capture", [first_block, *linears.values()])
         self.handles = [first_block.register_forward_pre_hook(self._cut, with_kwargs=True)]
         for name, linear in linears.items():
             self.handles.append(linear.register_forward_hook(self._keeper(name)))
@@ -407,6 +409,7 @@ class _LinearCapture:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        release(self.claimed)
 
 
 def _right_padded(sequences: list[list[int]], response_lengths: list[int], pad_id: int, device):

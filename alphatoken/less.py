@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alphatoken.hooks import claim, release
 from alphatoken import data as records
 from alphatoken.blocks import is_lora_layer, lora_factors
 from alphatoken.checkpoint import atomic_torch_save, atomic_write_text
@@ -158,12 +159,14 @@ def per_example_gradients(model: nn.Module, batch: dict) -> torch.Tensor:
     def keep(module, inputs, output):
         captured[module] = (inputs[0], output)
 
+    claimed = claim("LESS's per-example gradients", [module for _, _, module in params])
     handles = [module.register_forward_hook(keep) for _, _, module in params]
     try:
         losses = mean_response_losses(model, batch)  # (B,)
     finally:
         for handle in handles:
             handle.remove()
+        release(claimed)
     outputs = [captured[module][1] for _, _, module in params]
     output_grads = torch.autograd.grad(losses.sum(), outputs)
     rows = []

@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from alphatoken.hooks import claim, release
 from alphatoken.blocks import decoder_blocks
 from alphatoken.losses import IGNORE_INDEX
 
@@ -96,6 +97,7 @@ class AttentionCapture:
 
         register_attention()
         self.values = []
+        claim("ssToken's attention capture", self.modules)
         for module in self.modules:
             self._handles.append(module.register_forward_pre_hook(self._before, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._after))
@@ -105,6 +107,7 @@ class AttentionCapture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        release(self.modules)
         for module in self.modules:  # a forward that raised inside a chosen block
             if id(module) in self._saved:
                 module.config._attn_implementation_internal = self._saved.pop(id(module))

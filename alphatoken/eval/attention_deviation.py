@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alphatoken.hooks import claim, release
 from alphatoken.blocks import scored_blocks
 from alphatoken.eval.diagnostics import DiagnosticsConfig, batches, device, draw_training_examples
 from alphatoken.models import ModelSpec, load_model
@@ -69,6 +70,7 @@ def attention_pairs(model, batch: dict, last_k: int, window: int, example_offset
     blocks = scored_blocks(model, last_k)
     modules = {idx: attention_module(block) for idx, block in blocks}
     values, contexts, handles = {}, {}, []
+    claimed = claim("the attention-deviation diagnostic", [p for m in modules.values() for p in (m.v_proj, m.o_proj)])
     for idx, module in modules.items():
         handles.append(module.v_proj.register_forward_hook(
             lambda m, args, out, idx=idx: values.setdefault(idx, out.detach())))  # (B, T, Hkv*hd)
@@ -85,6 +87,7 @@ def attention_pairs(model, batch: dict, last_k: int, window: int, example_offset
     finally:
         for handle in handles:
             handle.remove()
+        release(claimed)
         for key, c in configs.items():
             c._attn_implementation_internal = saved[key]
     labels, mask = batch["labels"], batch["attention_mask"].bool()

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from alphatoken.hooks import claim, release
 from alphatoken.blocks import LINEAR_ATTENTION, SOFTMAX_ATTENTION, token_mixer
 from alphatoken.valuation.attention import ATTENTION_NAME, AttentionRecord, active_record
 from alphatoken.valuation.linear_attention import own_position_linear_attention
@@ -77,6 +78,8 @@ class BlockCapture:
         torch.set_grad_enabled(False)  # restored by the last block's hook (or by the caller's grad-mode context)
 
     def __enter__(self):
+        modules = [block for _, block in self.blocks] + ([self.first_block] if self.first_block is not None else [])
+        self.claimed = claim("the valuation's block capture", modules)
         if self.first_block is not None:
             self.handles.append(self.first_block.register_forward_pre_hook(self._stop_grad))
         first_idx, last_idx = self.blocks[0][0], self.blocks[-1][0]
@@ -90,6 +93,7 @@ class BlockCapture:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        release(self.claimed)
         return False
 
     def _pre_hook(self, idx: int, is_first: bool):
@@ -146,6 +150,7 @@ class HeadCut:
 
     def __enter__(self):
         if self.head is not None:
+            claim("the valuation's head cut", [self.head])
             self.handle = self.head.register_forward_pre_hook(self._pre_hook)
         return self
 
@@ -153,6 +158,7 @@ class HeadCut:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+            release([self.head])
         return False
 
     def _pre_hook(self, module, args):
@@ -227,6 +233,7 @@ def rerun_scored_blocks(
     saved_ckpt = {idx: block.__dict__.get("gradient_checkpointing", None) for idx, block in blocks}
     attn_record = AttentionRecord(stop_cross_position_grad=stop_cross_position_grad, band=band)
     device_type = param.device.type
+    claimed = claim("the valuation's re-run of the scored blocks", [*linears.values(), *(block for _, block in blocks)])
     try:
         for name, linear in linears.items():
             handles.append(linear.register_forward_hook(linear_hook(name)))
@@ -250,6 +257,7 @@ def rerun_scored_blocks(
     finally:
         for handle in handles:
             handle.remove()
+        release(claimed)
         for key, cfg in configs.items():
             cfg._attn_implementation_internal = saved_impl[key]
         for idx, block in blocks:
